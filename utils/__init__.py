@@ -1,0 +1,1 @@
+"""Layer 1: leaf helpers (registry, checkpoints, logging, seeding, schedules, run directories)."""
