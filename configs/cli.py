@@ -1,0 +1,205 @@
+"""Command line + YAML presets -> one resolved, validated `Config`.
+
+Precedence, lowest first (DESIGN.md §2):
+  1. built-in defaults (configs/schema.py),
+  2. the dataset preset configs/config-<dataset>.yml: its top level, then its `per_mode` section for the
+     run's stage (`prune`/`finetune`/`pretrain`) and exact mode, then its `per_loss` section for --adv_loss,
+  3. the user's --configs FILE, in the same order,
+  4. flags given on the command line.
+Nothing later in the code overrides a value set here; options left unset that depend on the mode
+(the tri-state ones) are filled from the mode table.
+"""
+import argparse
+import dataclasses
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from configs.errors import UserError
+from configs.modes import MODES, canonical_mode
+from configs.schema import (DATASETS, FLAG, FLOATS, OPTION_BY_NAME, OPTIONS, TRISTATE, Config, coerce_value,
+                            match_choice)
+
+PRESET_DIR = os.path.dirname(os.path.abspath(__file__))
+SECTION_KEYS = ("per_mode", "per_loss")
+STAGES = ("pretrain", "prune", "finetune")
+
+_GROUP_TITLES = {
+    "experiment": "experiment and stage chaining",
+    "pruning": "pruning (score/rate learning, hardware loss)",
+    "data": "data",
+    "training": "training",
+    "attack": "threat model (training, validation, and test.py's default)",
+    "runtime": "runtime",
+    "evaluation": "evaluation",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump: the caller prints it and exits non-zero
+        raise UserError(message)
+
+
+def preset_path(dataset: str) -> str:
+    return os.path.join(PRESET_DIR, f"config-{dataset.lower()}.yml")
+
+
+def build_parser(prog: str, scope: str, description: str = "") -> argparse.ArgumentParser:
+    """Flags for every option in `scope` ('train' or 'test'); only flags actually given are returned."""
+    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    groups = {}
+    for opt in OPTIONS:
+        if opt.scope not in ("both", scope):
+            continue
+        if opt.group not in groups:
+            groups[opt.group] = parser.add_argument_group(_GROUP_TITLES[opt.group])
+        group = groups[opt.group]
+        primary = "--" + opt.name.replace("_", "-")
+        alias = "--" + opt.name if "_" in opt.name else None
+        help_text = opt.help
+        if opt.choices:
+            help_text += f" {{{', '.join(opt.choices)}}}"
+        if opt.default is not None and opt.kind not in (FLAG, TRISTATE):
+            help_text += f" (default: {opt.default})"
+        if opt.kind in (FLAG, TRISTATE):
+            if opt.name.startswith("no_"):
+                group.add_argument(primary, dest=opt.name, action="store_true", help=help_text)
+            else:
+                group.add_argument(primary, dest=opt.name, action=argparse.BooleanOptionalAction, help=help_text)
+            if alias:
+                group.add_argument(alias, dest=opt.name, action="store_true", help=argparse.SUPPRESS)
+        elif opt.kind == FLOATS:
+            group.add_argument(primary, dest=opt.name, nargs="+", type=str, metavar="X", help=help_text)
+            if alias:
+                group.add_argument(alias, dest=opt.name, nargs="+", type=str, help=argparse.SUPPRESS)
+        else:
+            metavar = opt.name.upper()
+            group.add_argument(primary, dest=opt.name, type=str, metavar=metavar, help=help_text)
+            if alias:
+                group.add_argument(alias, dest=opt.name, type=str, help=argparse.SUPPRESS)
+    return parser
+
+
+def load_yaml_config(path: str, what: str) -> Dict[str, Any]:
+    """Read a config file with safe_load; unknown keys and sections are errors."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read {what} {path}: {str(err).splitlines()[0]}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must be a mapping of option: value")
+    for key, value in data.items():
+        if key in SECTION_KEYS:
+            _check_section(path, key, value)
+        elif key not in OPTION_BY_NAME:
+            raise UserError(f"unknown key {key!r} in {path}")
+    return data
+
+
+def _check_section(path: str, section: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise UserError(f"section {section!r} in {path} must be a mapping")
+    allowed = STAGES + tuple(MODES) if section == "per_mode" else OPTION_BY_NAME["adv_loss"].choices
+    for sub, entries in value.items():
+        if sub not in allowed:
+            raise UserError(f"unknown {section} entry {sub!r} in {path}; allowed: {', '.join(allowed)}")
+        if not isinstance(entries, dict):
+            raise UserError(f"{section}.{sub} in {path} must be a mapping of option: value")
+        for key in entries:
+            if key not in OPTION_BY_NAME:
+                raise UserError(f"unknown key {key!r} in {section}.{sub} of {path}")
+
+
+def _layers(data: Dict[str, Any], mode: str, adv_loss: str, name: str) -> List[Tuple[str, Dict[str, Any]]]:
+    """A config file's top level, then its stage section, exact-mode section and loss section."""
+    base = {k: v for k, v in data.items() if k not in SECTION_KEYS}
+    per_mode = data.get("per_mode", {})
+    per_loss = data.get("per_loss", {})
+    return [
+        (name, base),
+        (f"{name} per_mode.{MODES[mode].stage}", per_mode.get(MODES[mode].stage, {})),
+        (f"{name} per_mode.{mode}", per_mode.get(mode, {})),
+        (f"{name} per_loss.{adv_loss}", per_loss.get(adv_loss, {})),
+    ]
+
+
+def resolve_config(argv: Sequence[str], scope: str, prog: str) -> Tuple[Config, Dict[str, str]]:
+    """Parse `argv` and merge it with the presets; returns the Config and where each value came from."""
+    cli = {k: v for k, v in vars(build_parser(prog, scope).parse_args(list(argv))).items()}
+    cli = {k: coerce_value(k, v, "the command line") for k, v in cli.items()}
+    user = load_yaml_config(cli["configs"], "config file") if cli.get("configs") else {}
+
+    def first_set(name: str, *layers: Dict[str, Any]):
+        for layer in layers:
+            if layer.get(name) is not None:
+                return layer[name]
+        return OPTION_BY_NAME[name].default
+
+    dataset = match_choice("dataset", str(first_set("dataset", cli, user)), DATASETS, "the dataset choice")
+    preset = load_yaml_config(preset_path(dataset), "dataset preset")
+    mode = canonical_mode(str(first_set("exp_mode", cli, user, preset)))
+    adv_loss = coerce_value("adv_loss", first_set("adv_loss", cli, user, preset), "the loss choice")
+
+    values = {o.name: o.default for o in OPTIONS}
+    sources = {o.name: "default" for o in OPTIONS}
+    layers = _layers(preset, mode, adv_loss, os.path.relpath(preset_path(dataset)))
+    if user:
+        layers += _layers(user, mode, adv_loss, cli["configs"])
+    layers.append(("command line", cli))
+    for source, entries in layers:
+        for key, value in entries.items():
+            values[key] = coerce_value(key, value, source)
+            sources[key] = source
+    values["dataset"], values["exp_mode"], values["adv_loss"] = dataset, mode, adv_loss
+    _fill_mode_defaults(values, sources)
+    _check_consistency(values, sources)
+    return Config(**values), sources
+
+
+def _fill_mode_defaults(values: Dict[str, Any], sources: Dict[str, str]) -> None:
+    spec = MODES[values["exp_mode"]]
+    derived = {
+        "soft_hw": spec.hw_loss,
+        "scaled_score_init": spec.stage == "prune",
+        "rate_stg_init": spec.rates_from_strategy and spec.stage == "prune",
+    }
+    for key, value in derived.items():
+        if values[key] is None:
+            values[key] = value
+            sources[key] = f"mode {spec.name}"
+    if values["trainer"] == "base" and values["adv_loss"] != "nat":
+        if sources["adv_loss"] != "default":
+            raise UserError("--trainer base trains on clean inputs; drop --adv_loss "
+                            f"{values['adv_loss']} or use --trainer adv")
+        values["adv_loss"], sources["adv_loss"] = "nat", "trainer base"
+
+
+def _check_consistency(values: Dict[str, Any], sources: Dict[str, str]) -> None:
+    for name in ("conv_k", "shortcut_k", "fc_k"):
+        if values[name] is not None:
+            raise UserError(f"--{name} is not supported: per-layer start rates come from --stg_id "
+                            "(strategies/ or a computed <density>_<uni|erk|lamp>)")
+    if values["layer_type"] == "dense" and MODES[values["exp_mode"]].masked:
+        raise UserError(f"--layer-type dense cannot run {values['exp_mode']}: it needs masked layers")
+    if values["clip_min"] >= values["clip_max"]:
+        raise UserError(f"clip_min ({values['clip_min']}) must be below clip_max ({values['clip_max']})")
+    if values["trainer"] == "freeadv" and values["adv_loss"] not in ("pgd", "nat") and sources["adv_loss"] != "default":
+        raise UserError(f"--trainer freeadv uses its own Free-AT objective; --adv_loss {values['adv_loss']} does not apply")
+    if values["arch"] is None:
+        raise UserError(f"no --arch given and {os.path.relpath(preset_path(values['dataset']))} sets none")
+    if values["std"] is not None and any(v <= 0 for v in values["std"]):
+        raise UserError("every --std value must be > 0")
+
+
+def replace(cfg: Config, **changes) -> Config:
+    return dataclasses.replace(cfg, **changes)
+
+
+def describe_overrides(sources: Dict[str, str], cfg: Config) -> List[str]:
+    """Human-readable 'name = value  (source)' lines for every value that is not a built-in default."""
+    return [f"{name} = {getattr(cfg, name)!r}  ({src})" for name, src in sources.items() if src != "default"]

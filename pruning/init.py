@@ -1,0 +1,74 @@
+"""Initialising scores and rate logits, and tying rates of layers that share an input (harp-spec §4.4-4.7)."""
+import math
+from typing import Dict, List, Mapping
+
+import torch
+import torch.nn as nn
+
+from configs.errors import UserError
+from pruning.layers import WEIGHT
+from pruning.rates import logit_from_keep
+from pruning.wrap import masked_layers
+
+
+def init_scores_from_weights(model: nn.Module) -> None:
+    """HARP/Hydra's scaled init, so pruning starts as layer-wise magnitude pruning.
+
+    weight: s = sqrt(6 / fan_in) * W / max|W|, fan_in = C_in * kh * kw (sign of W kept).
+    channel: s_c = sqrt(6) * m_c / max(m), m_c = L1 norm of input channel c's weights. The original took
+    row norms of a memory-order reshape, which mixes output filters (harp-spec §11.1 item 4); we use
+    true per-input-channel norms and keep its sqrt(6) scale.
+    """
+    with torch.no_grad():
+        for _, layer in masked_layers(model):
+            weight = layer.weight
+            if layer.granularity == WEIGHT:
+                fan_in = weight[0].numel()
+                scores = math.sqrt(6.0 / fan_in) * weight / weight.abs().max().clamp_min(1e-12)
+            else:
+                dims = [d for d in range(weight.dim()) if d != 1]
+                norms = weight.abs().sum(dim=dims)
+                scores = (math.sqrt(6.0) * norms / norms.max().clamp_min(1e-12)).view_as(layer.popup_scores)
+            layer.popup_scores.copy_(scores)
+
+
+def init_scores_random(model: nn.Module, kind: str) -> None:
+    init = {"kaiming_normal": nn.init.kaiming_normal_, "kaiming_uniform": nn.init.kaiming_uniform_,
+            "xavier_normal": nn.init.xavier_normal_, "xavier_uniform": nn.init.xavier_uniform_}[kind]
+    with torch.no_grad():
+        for _, layer in masked_layers(model):
+            init(layer.popup_scores)
+
+
+def set_keep_rates(model: nn.Module, rates: Mapping[str, float]) -> List[str]:
+    """Set every layer's rate logit so its keep rate is `rates[name]`; returns names whose rate was raised
+    to the lower bound k_min. Names must match the masked layers exactly."""
+    layers = dict(masked_layers(model))
+    missing, extra = sorted(set(layers) - set(rates)), sorted(set(rates) - set(layers))
+    if missing or extra:
+        raise UserError(f"strategy does not match the model's layers: missing {missing[:5]}, unknown {extra[:5]}")
+    raised = []
+    with torch.no_grad():
+        for name, layer in layers.items():
+            if rates[name] <= layer.keep_min:
+                raised.append(name)
+            layer.k_score.fill_(logit_from_keep(float(rates[name]), layer.keep_min))
+    return raised
+
+
+def tie_rates(model: nn.Module, groups: List[List[str]]) -> Dict[str, str]:
+    """Make the layers of each group share the first one's rate logit (one Parameter object).
+
+    Under channel granularity a block's conv1 and its shortcut read the same tensor, so they must keep
+    the same number of its channels. The original copied conv1's rate to the frozen shortcut after every
+    step; sharing the parameter keeps them equal by construction, and the shared rate's gradient is the
+    sum of both layers' contributions. Returns {follower: owner}.
+    """
+    layers = dict(masked_layers(model))
+    ties = {}
+    for group in groups:
+        owner = layers[group[0]]
+        for follower_name in group[1:]:
+            layers[follower_name].k_score = owner.k_score
+            ties[follower_name] = group[0]
+    return ties

@@ -1,0 +1,146 @@
+"""One training epoch: PGD/TRADES/MART/natural objectives (`train_one_epoch`) and Free-AT (`train_one_epoch_free`).
+
+Both return plain dicts of averages; the entry point logs and saves them. Metrics accumulate on the
+device and are read every `print_freq` steps (progress bar and the finite-loss check) and at the end, so
+the step itself never waits for the host.
+"""
+import contextlib
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from configs.errors import UserError
+from trainers.objectives import Objective, ObjectiveSettings
+from utils.progress import progress
+
+HardwareLoss = Callable[[], Tuple[torch.Tensor, torch.Tensor]]
+
+
+class _Totals:
+    """Running sums kept on the device."""
+
+    def __init__(self, device):
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.hw = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.count = 0
+        self.steps = 0
+
+    def add(self, loss, logits, y, hw):
+        n = y.shape[0]
+        self.loss += loss.detach().double() * n
+        self.correct += (logits.detach().argmax(dim=1) == y).sum()
+        if hw is not None:
+            self.hw += hw.detach().double()
+        self.count += n
+        self.steps += 1
+
+    def check_finite(self, epoch: int, step: int) -> None:
+        value = float(self.loss)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise UserError(f"training loss became {value} in epoch {epoch + 1} by step {step}; stopped, and the "
+                            "last good checkpoint is kept (try a lower --lr)")
+
+    def summary(self, with_hw: bool) -> Dict[str, float]:
+        out = {"train_loss": float(self.loss) / max(self.count, 1),
+               "train_acc": 100.0 * float(self.correct) / max(self.count, 1), "train_examples": self.count}
+        if with_hw:
+            out["hw_loss_mean"] = float(self.hw) / max(self.steps, 1)
+        return out
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def train_one_epoch(model: nn.Module, attack_model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
+                    objective: Objective, settings: ObjectiveSettings, *, epoch: int, num_batches: int,
+                    device: torch.device, hw_loss: Optional[HardwareLoss] = None, gamma: float = 0.0,
+                    bf16: bool = False, channels_last: bool = False, print_freq: int = 10,
+                    show_progress: bool = True) -> Dict[str, float]:
+    model.train()
+    totals = _Totals(device)
+    bar = progress(batches, total=num_batches, desc=f"epoch {epoch + 1} train", enabled=show_progress)
+    for step, (x, y) in enumerate(bar, start=1):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, bf16):
+            loss, logits = objective(model, attack_model, x, y, settings)
+        hw = None
+        total = loss
+        if hw_loss is not None:
+            hw, _ = hw_loss()
+            total = loss + gamma * hw
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        totals.add(loss, logits, y, hw)
+        if step % print_freq == 0:
+            totals.check_finite(epoch, step)
+            bar.set_postfix(loss=f"{float(totals.loss) / totals.count:.4f}",
+                            acc=f"{100.0 * float(totals.correct) / totals.count:.1f}")
+    totals.check_finite(epoch, totals.steps)
+    return totals.summary(hw_loss is not None)
+
+
+class FreePerturbation:
+    """Free-AT's perturbation (Shafahi et al. 2019). It persists across batches and across epochs, as in the
+    paper (the original HARP code reset it every epoch); its state is saved in checkpoints."""
+
+    def __init__(self, eps: float, clip_min: float = 0.0, clip_max: float = 1.0):
+        self.eps, self.clip_min, self.clip_max = eps, clip_min, clip_max
+        self.delta: Optional[torch.Tensor] = None
+
+    def _for_batch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.delta is None or self.delta.shape[1:] != x.shape[1:] or self.delta.shape[0] < x.shape[0]:
+            self.delta = torch.zeros_like(x)
+        return self.delta[: x.shape[0]].detach().clone().requires_grad_(True)
+
+    def step(self, delta: torch.Tensor, grad: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.delta[: delta.shape[0]] = (delta + self.eps * grad.sign()).clamp(-self.eps, self.eps)
+
+    def state_dict(self) -> Dict:
+        return {"delta": None if self.delta is None else self.delta.detach().cpu()}
+
+    def load_state_dict(self, state: Dict, device: torch.device) -> None:
+        self.delta = None if state.get("delta") is None else state["delta"].to(device)
+
+
+def train_one_epoch_free(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
+                         perturbation: FreePerturbation, *, n_repeats: int, epoch: int, num_batches: int,
+                         device: torch.device, hw_loss: Optional[HardwareLoss] = None, gamma: float = 0.0,
+                         bf16: bool = False, channels_last: bool = False, print_freq: int = 10,
+                         show_progress: bool = True) -> Dict[str, float]:
+    """Each batch is replayed `n_repeats` times; every replay is one forward/backward that yields both the
+    parameter update and an eps-sized signed step of the persistent perturbation (hw loss per replay)."""
+    model.train()
+    totals = _Totals(device)
+    bar = progress(batches, total=num_batches, desc=f"epoch {epoch + 1} free-AT", enabled=show_progress)
+    for step, (x, y) in enumerate(bar, start=1):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for _ in range(n_repeats):
+            delta = perturbation._for_batch(x)
+            with _autocast(device, bf16):
+                logits = model((x + delta).clamp(perturbation.clip_min, perturbation.clip_max))
+                loss = F.cross_entropy(logits, y)
+            hw = None
+            total = loss
+            if hw_loss is not None:
+                hw, _ = hw_loss()
+                total = loss + gamma * hw
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            perturbation.step(delta, delta.grad)
+            optimizer.step()
+            totals.add(loss, logits, y, hw)
+        if step % print_freq == 0:
+            totals.check_finite(epoch, step)
+            bar.set_postfix(loss=f"{float(totals.loss) / totals.count:.4f}")
+    totals.check_finite(epoch, totals.steps)
+    return totals.summary(hw_loss is not None)
