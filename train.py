@@ -37,6 +37,8 @@ from trainers.evaluate import accuracies, evaluate
 from trainers.objectives import ObjectiveSettings, get_objective
 from utils.checkpoint import FORMAT_VERSION, load_checkpoint, save_atomic, state_dict_of
 from utils.device import resolve_device
+from utils.distributed import (DistContext, all_reduce_sums, barrier, broadcast_flag, init_distributed, process_device,
+                               shutdown)
 from utils.logging import setup_logging, write_jsonl
 from utils.run_dir import checkpoint_path, run_dir, source_checkpoint
 from utils.schedules import lr_at_epoch
@@ -174,11 +176,14 @@ def plan_run(cfg, directory: str) -> Optional[Dict]:
 class Run:
     """Everything one training run holds between epochs."""
 
-    def __init__(self, cfg, sources):
-        self.cfg, self.sources = cfg, sources
+    def __init__(self, cfg, sources, ctx: DistContext = DistContext(), device: torch.device = None):
+        self.cfg, self.sources, self.ctx = cfg, sources, ctx
         self.spec = MODES[cfg.exp_mode]
-        self.device = resolve_device(cfg.device, cfg.gpu, cfg.no_cuda)
+        self.device = device or resolve_device(cfg.device, cfg.gpu, cfg.no_cuda)
         self.directory = run_dir(cfg)
+        if cfg.batch_size % ctx.world_size:
+            raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {ctx.world_size} processes")
+        self.local_batch = cfg.batch_size // ctx.world_size  # --batch-size is the global batch
         self.total_epochs = cfg.epochs + cfg.warmup_epochs
         self.history: List[Dict] = []
         self.best = -math.inf
@@ -217,10 +222,18 @@ class Run:
             self._restore(resume_ckpt)
         if self.spec.stage == "finetune" and not cfg.evaluate:
             freeze_masks(self.model)
+        if cfg.channels_last and not cfg.evaluate:
+            self.model.to(memory_format=torch.channels_last)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self._optimizer(params)
         if resume_ckpt is not None:
             self.optimizer.load_state_dict(resume_ckpt["optimizer"])
+        self.train_model, self.attack_model = self.model, self.model
+        if self.ctx.enabled and not cfg.evaluate:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        if cfg.compile and not cfg.evaluate:
+            self.train_model, self.attack_model = torch.compile(self.train_model), torch.compile(self.model)
         if self.spec.masked:
             report = sparsity_report(self.model)
             log.info("kept %d of %d prunable weights (%.4f%%), target k = %g", report["kept"], report["total"],
@@ -297,31 +310,56 @@ class Run:
     def validate(self, epoch_label: str) -> Dict[str, float]:
         cfg = self.cfg
         on_val = self.data.num_val > 0
-        batches = self.data.val_batches(cfg.test_batch_size) if on_val else self.data.test_batches(cfg.test_batch_size)
+        shard = dict(rank=self.ctx.rank, world_size=self.ctx.world_size)
+        batches = (self.data.val_batches(cfg.test_batch_size, **shard) if on_val
+                   else self.data.test_batches(cfg.test_batch_size, **shard))
         sums = evaluate(self.model, batches, attack=self.validation_attack(),
-                        num_batches=self.data.num_batches("val" if on_val else "test", cfg.test_batch_size),
-                        desc=f"{epoch_label} validate", show_progress=not cfg.no_progress)
-        return accuracies(sums)
+                        num_batches=self.data.num_batches("val" if on_val else "test", cfg.test_batch_size,
+                                                          world_size=self.ctx.world_size),
+                        desc=f"{epoch_label} validate", show_progress=self.show_progress)
+        return accuracies(all_reduce_sums(sums, self.ctx, self.device))
+
+    @property
+    def show_progress(self) -> bool:
+        return not self.cfg.no_progress and self.ctx.is_main
 
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         cfg = self.cfg
         hw_loss = (lambda: self.cost_model.loss(self.model)) if cfg.soft_hw and self.cost_model is not None else None
         gamma = self.gamma.value(epoch) if hw_loss else 0.0
-        common = dict(epoch=epoch, num_batches=self.data.num_batches("train", cfg.batch_size), device=self.device,
-                      hw_loss=hw_loss, gamma=gamma, bf16=cfg.bf16, channels_last=cfg.channels_last,
-                      print_freq=cfg.print_freq, show_progress=not cfg.no_progress)
-        batches = self.data.train_batches(cfg.batch_size, epoch=epoch, seed=cfg.seed)
+        common = dict(epoch=epoch, num_batches=self.data.num_batches("train", self.local_batch,
+                                                                     world_size=self.ctx.world_size),
+                      device=self.device, hw_loss=hw_loss, gamma=gamma, bf16=cfg.bf16,
+                      channels_last=cfg.channels_last, print_freq=cfg.print_freq, show_progress=self.show_progress)
+        batches = self.data.train_batches(self.local_batch, epoch=epoch, seed=cfg.seed, rank=self.ctx.rank,
+                                          world_size=self.ctx.world_size)
         if cfg.trainer == "freeadv":
-            stats = train_one_epoch_free(self.model, batches, self.optimizer, self.perturbation,
+            stats = train_one_epoch_free(self.train_model, batches, self.optimizer, self.perturbation,
                                          n_repeats=cfg.n_repeats, **common)
         else:
             loss_name = cfg.warmup_loss if epoch < cfg.warmup_epochs else cfg.adv_loss
             settings = ObjectiveSettings(threat=self.threat(), beta=cfg.beta)
-            stats = train_one_epoch(self.model, self.model, batches, self.optimizer, get_objective(loss_name),
-                                    settings, **common)
+            stats = train_one_epoch(self.train_model, self.attack_model, batches, self.optimizer,
+                                    get_objective(loss_name), settings, **common)
+        stats = self._reduce_train_stats(stats)
         if hw_loss:
             stats["gamma"] = gamma
         return stats
+
+    def _reduce_train_stats(self, stats: Dict[str, float]) -> Dict[str, float]:
+        """Example-weighted averages over all processes."""
+        if not self.ctx.enabled:
+            return stats
+        n = stats["train_examples"]
+        sums = {"n": n, "loss": stats["train_loss"] * n, "acc": stats["train_acc"] * n}
+        if "hw_loss_mean" in stats:
+            sums["hw"] = stats["hw_loss_mean"]
+        total = all_reduce_sums(sums, self.ctx, self.device)
+        out = {"train_loss": total["loss"] / total["n"], "train_acc": total["acc"] / total["n"],
+               "train_examples": int(total["n"])}
+        if "hw" in total:
+            out["hw_loss_mean"] = total["hw"] / self.ctx.world_size
+        return out
 
     @property
     def selection_metric(self) -> str:
@@ -335,7 +373,7 @@ class Run:
             start = self.validate("start")
             log.info("before training: %s", ", ".join(f"{k} {v:.2f}" for k, v in start.items()))
         for epoch in range(self.start_epoch, self.total_epochs):
-            seed_everything(epoch_seed(cfg.seed, epoch))
+            seed_everything(epoch_seed(cfg.seed, epoch) + self.ctx.rank)  # distinct attack noise per process
             lr = lr_at_epoch(epoch, lr=cfg.lr, epochs=cfg.epochs, schedule=cfg.lr_schedule,
                              warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr)
             for group in self.optimizer.param_groups:
@@ -365,7 +403,9 @@ class Run:
                 self.best = metric
             record.update(is_best=is_best, seconds=round(time.time() - started, 3))
             self.history.append(record)
-            self.save(epoch + 1, is_best, finished=last)
+            if self.ctx.is_main:
+                self.save(epoch + 1, is_best, finished=last)
+            barrier(self.ctx)
             log.info(_epoch_line(record))
 
     # -- checkpoints
@@ -415,24 +455,45 @@ def evaluate_only(run: Run) -> None:
     log.info("evaluation: %s", ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
 
 
+def plan_on_all_ranks(cfg, directory: str, ctx: DistContext, device: torch.device) -> Optional[Dict]:
+    """Rank 0 decides (and may clear the directory with --overwrite); the others follow its decision."""
+    error, ckpt = None, None
+    if ctx.is_main:
+        try:
+            ckpt = plan_run(cfg, directory)
+        except UserError as err:
+            error = err
+    if broadcast_flag(error is not None, ctx, device):
+        raise error or UserError("rank 0 refused to start this run")
+    if not ctx.is_main:
+        ckpt = plan_run(dataclasses.replace(cfg, overwrite=False), directory)
+    return ckpt
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    ctx = DistContext()
     try:
         cfg, sources = resolve_config(argv, "train", "train.py")
-        run = Run(cfg, sources)
-        resume_ckpt = None if cfg.evaluate else plan_run(cfg, run.directory)
-        if not cfg.evaluate:
+        device = resolve_device(cfg.device, cfg.gpu, cfg.no_cuda)
+        ctx = init_distributed(os.environ, device)
+        run = Run(cfg, sources, ctx, process_device(ctx, device))
+        resume_ckpt = None if cfg.evaluate else plan_on_all_ranks(cfg, run.directory, ctx, run.device)
+        writes = ctx.is_main and not cfg.evaluate
+        if writes:
             os.makedirs(run.directory, exist_ok=True)
-        setup_logging(None if cfg.evaluate else os.path.join(run.directory, "train.log"))
-        log.info("run directory: %s", run.directory)
+        setup_logging(os.path.join(run.directory, "train.log") if writes else None,
+                      level=logging.INFO if ctx.is_main else logging.WARNING)
+        log.info("run directory: %s%s", run.directory, f" ({ctx.world_size} processes)" if ctx.enabled else "")
         for line in describe_overrides(sources, cfg):
             log.debug("config: %s", line)
         run.setup(resume_ckpt)
         if cfg.evaluate:
             evaluate_only(run)
             return 0
-        with open(os.path.join(run.directory, "config.yaml"), "w") as fh:
-            yaml.safe_dump(config_to_dict(run.cfg), fh, sort_keys=True)
+        if writes:
+            with open(os.path.join(run.directory, "config.yaml"), "w") as fh:
+                yaml.safe_dump(config_to_dict(run.cfg), fh, sort_keys=True)
         run.run_epochs()
         if run.spec.hw_loss and run.cfg.soft_hw and not any(r.get("target_met") for r in run.history):
             final = run.history[-1]
@@ -440,12 +501,14 @@ def main(argv=None) -> int:
                             f"cost {final.get('soft_cost', float('nan')):.4f}, hw loss {final.get('hw_loss', float('nan')):.4f}), "
                             "so there is no model_best.pth.tar to finetune; rerun with --overwrite and a larger --gamma "
                             "or more --epochs")
-        log.info("done: %s (best %s %.2f%%)", checkpoint_path(run.directory, "best"),
-                 run.selection_metric, run.best)
+        log.info("done: %s (best %s %.2f%%)", checkpoint_path(run.directory, "best"), run.selection_metric, run.best)
         return 0
     except UserError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
+        if ctx.is_main:
+            print(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        shutdown(ctx)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def build_parser(prog: str, scope: str, description: str = "") -> argparse.Argum
         group = groups[opt.group]
         primary = "--" + opt.name.replace("_", "-")
         alias = "--" + opt.name if "_" in opt.name else None
-        help_text = opt.help
+        help_text = opt.help.replace("%", "%%")  # argparse formats help strings with %
         if opt.choices:
             help_text += f" {{{', '.join(opt.choices)}}}"
         if opt.default is not None and opt.kind not in (FLAG, TRISTATE):

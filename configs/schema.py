@@ -98,8 +98,8 @@ OPTIONS: Tuple[Option, ...] = (
     _opt("image_dim", int, None, "ImageNet crop size in pixels (default 224)", "data", check=_positive, check_text="> 0"),
     _opt("workers", int, None, "DataLoader worker processes for ImageNet (default min(8, CPUs))", "data", check=_non_negative, check_text=">= 0"),
     # --- training
-    _opt("trainer", str, "adv", "training loop: base (natural), adv (adversarial, see --adv_loss), freeadv (Free-AT)", "training",
-         choices=("base", "adv", "freeadv"), scope="train"),
+    _opt("trainer", str, "adv", "training loop: base (natural), adv (adversarial, see --adv-loss), freeadv (Free-AT)", "training",
+         choices=("base", "adv", "freeadv")),
     _opt("adv_loss", str, "pgd", "adversarial training objective", "training", choices=("pgd", "trades", "mart", "nat")),
     _opt("epochs", int, 100, "training epochs (Free-AT: each epoch replays every batch --n-repeats times)", "training",
          check=_positive, check_text=">= 1", scope="train"),
@@ -115,7 +115,7 @@ OPTIONS: Tuple[Option, ...] = (
     _opt("warmup_loss", str, "nat", "objective during warm-up", "training", choices=("nat", "fgsm", "pgd", "trades"), scope="train"),
     _opt("n_repeats", int, 4, "Free-AT replays per batch", "training", check=_positive, check_text=">= 1", scope="train"),
     _opt("val_method", str, "adv", "per-epoch validation: base (natural only) or adv/freeadv (natural + --attack_eval)", "training",
-         choices=("base", "adv", "freeadv"), scope="train"),
+         choices=("base", "adv", "freeadv")),
     _opt("attack_eval", str, "pgd", "attack used by per-epoch validation", "training", choices=("pgd", "fgsm", "cw"), scope="train"),
     _opt("val_every", int, 1, "validate every N epochs (and always after the last)", "training", check=_positive, check_text=">= 1", scope="train"),
     # --- threat model (training, validation and the default of test.py)
@@ -143,6 +143,10 @@ OPTIONS: Tuple[Option, ...] = (
     _opt("n_examples", int, None, "evaluate the first N test examples (default: all)", "evaluation", check=_positive, check_text="> 0", scope="test"),
     _opt("checkpoint", str, "best", "which checkpoint of the run to evaluate", "evaluation", choices=("best", "last", "best_dense", "last_dense"), scope="test"),
     _opt("results_file", str, None, "also write the result JSON here", "evaluation", scope="test"),
+    _opt("eval_batch_size", int, None, "batch size of the attacks (default: --test-batch-size; AutoAttack on a GPU: 1000 "
+         "survivors per batch)", "evaluation", check=_positive, check_text="> 0", scope="test"),
+    _opt("epsilons", str, None, "comma-separated budgets for a security curve: PGD (--num-steps steps, step size "
+         "eps * step_size/epsilon) at each, stored as security_curve in the result JSON", "evaluation", scope="test"),
 )
 
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}

@@ -101,6 +101,25 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, clip_mi
     return pgd(model, x, y, threat)
 
 
+def perturbation_norms(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-example ||x_adv - x|| in the threat model's norm (float64 for an exact comparison with eps)."""
+    delta = (x_adv.detach() - x.detach()).flatten(1).double()
+    if norm == LINF:
+        return delta.abs().amax(dim=1) if delta.shape[1] else delta.new_zeros(delta.shape[0])
+    return delta.norm(dim=1)
+
+
+def project_to_threat(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, clip_min: float = 0.0,
+                      clip_max: float = 1.0) -> torch.Tensor:
+    """x_adv pulled back into the eps-ball around x and into [clip_min, clip_max] (a no-op for valid points).
+
+    test.py passes every attack's output through this before it scores it, so a third-party attack that
+    overshoots the budget by rounding (or by a bug) can never count a point outside the threat model.
+    """
+    threat = ThreatModel(eps=eps, step_size=0.0, steps=0, norm=norm, clip_min=clip_min, clip_max=clip_max)
+    return project(x_adv.detach(), x.detach(), threat).detach()
+
+
 def trades_attack(model: nn.Module, x: torch.Tensor, threat: ThreatModel, clean_probs: torch.Tensor) -> torch.Tensor:
     """TRADES inner maximisation: sign steps on summed KL(p(x) || p(x')), start x + 0.001 N(0, I)."""
     with eval_mode(model):

@@ -1,0 +1,74 @@
+"""The import layering of DESIGN.md §3, and the rules for library code, checked on the source with `ast`."""
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("configs", "strategies", "utils", "data", "models", "pruning", "trainers")
+ENTRY_POINTS = ("train", "test")
+
+# package -> project packages it may import (its own included). Strategies is data with a small loader
+# (L0 beside configs); pruning works on any nn.Module, so it knows neither models, data nor strategies.
+ALLOWED = {
+    "configs": {"configs"},
+    "strategies": {"strategies", "configs"},
+    "utils": {"utils", "configs"},
+    "data": {"data", "utils", "configs"},
+    "models": {"models", "utils", "configs"},
+    "pruning": {"pruning", "utils", "configs"},
+    "trainers": {"trainers", "pruning", "utils", "configs"},
+}
+
+
+def _library_files():
+    for package in PACKAGES:
+        for directory, _, files in os.walk(os.path.join(ROOT, package)):
+            for name in files:
+                if name.endswith(".py"):
+                    yield package, os.path.join(directory, name)
+
+
+def _project_imports(path):
+    tree = ast.parse(open(path).read(), filename=path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name.split(".")[0], node.lineno
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module.split(".")[0], node.lineno
+
+
+LIBRARY_FILES = sorted(_library_files())
+
+
+def test_every_package_is_checked():
+    assert {package for package, _ in LIBRARY_FILES} == set(PACKAGES)
+
+
+@pytest.mark.parametrize("package,path", LIBRARY_FILES, ids=[os.path.relpath(p, ROOT) for _, p in LIBRARY_FILES])
+def test_imports_follow_the_layering(package, path):
+    for module, line in _project_imports(path):
+        if module in PACKAGES or module in ENTRY_POINTS:
+            assert module in ALLOWED[package], (
+                f"{os.path.relpath(path, ROOT)}:{line} imports {module}; {package} may import only {sorted(ALLOWED[package])}")
+
+
+@pytest.mark.parametrize("package,path", LIBRARY_FILES, ids=[os.path.relpath(p, ROOT) for _, p in LIBRARY_FILES])
+def test_library_code_neither_prints_nor_reads_argv_or_environment(package, path):
+    tree = ast.parse(open(path).read(), filename=path)
+    where = os.path.relpath(path, ROOT)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            assert node.func.id != "print", f"{where}:{node.lineno} prints; use logging"
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            pair = (node.value.id, node.attr)
+            assert pair not in {("sys", "argv"), ("os", "environ"), ("os", "getenv"), ("sys", "exit")}, (
+                f"{where}:{node.lineno} uses {'.'.join(pair)}; only train.py/test.py may")
+
+
+def test_the_checker_catches_a_violation(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import models\nfrom data import build_data\n")
+    assert [m for m, _ in _project_imports(str(bad))] == ["models", "data"]
+    assert "models" not in ALLOWED["pruning"] and "data" not in ALLOWED["models"]

@@ -1,0 +1,331 @@
+"""AutoAttack composed from torchattacks' components, run over a whole evaluation set.
+
+Why not `torchattacks.AutoAttack`: it runs APGD, APGD-T and FAB-T with their class default of 10 iterations
+instead of the official 100 (reference/evaluation.md §C.7), reports nothing per component, and is usually
+called per test batch. Here the official "standard" version (§C.2) is assembled from the same components:
+
+    APGD-CE  100 iterations, 1 restart, rho 0.75
+    APGD-T   100 iterations, 1 restart per target, 9 targets
+    FAB-T    100 iterations, 1 restart per target, 9 targets
+    Square   5000 queries, 1 restart, p_init 0.8, margin loss, resc_schedule False
+
+and scored as official AutoAttack does (§C.3): a point is robust only if it is classified correctly on clean
+input and every component so far failed on it; each component runs only on the points that are still robust;
+the robust accuracy after each component is recorded; the final number is the per-point worst case.
+
+Targets: torchattacks' APGDT and FAB(multi_targeted=True) take `n_classes` and attack the classes ranked
+2 .. n_classes by the clean logits (`logits.sort()[1][:, -t]` for t = 2 .. n_classes). On a point that is
+classified correctly the top class is the true one, so `n_classes = min(C, 10)` attacks exactly the top-9
+non-true classes by clean logits, as official AutoAttack does (and the top C-1 classes when C < 10).
+APGD-T's targeted DLR loss reads the 4th-largest logit, so it needs C >= 4; with fewer classes it is skipped
+with a warning (FAB-T still runs with C-1 targets).
+
+Survivors are collected across the whole set and attacked in batches of `batch_size` (reference/performance.md
+§3.3), so Square's 5000 sequential queries run on large batches rather than on a few survivors per test batch.
+
+The `original` preset reproduces the HARP paper's evaluation: the very component objects that
+`torchattacks.AutoAttack(model, norm, eps, version='standard', n_classes=10, seed=seed)` builds (10 iterations
+for APGD, APGD-T and FAB-T; Square with torchattacks' resc_schedule=True), composed the same way. The original
+passed no seed (time-based, not reproducible); here the seed is given.
+
+Every adversarial point is pulled back into the eps-ball and [clip_min, clip_max] before it is scored, and
+the largest perturbation a component returned is recorded, so a component that overshoots the budget can
+never count a point outside the threat model.
+"""
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from trainers.attacks import L2, LINF, eval_mode, perturbation_norms, project_to_threat
+from utils.progress import progress
+from utils.seed import seed_everything
+
+log = logging.getLogger(__name__)
+
+PRESETS = ("standard", "original")
+COMPONENT_NAMES = ("apgd-ce", "apgd-t", "fab-t", "square")
+# Official AutoAttack's checks warn when Square lowers robust accuracy by more than this (percentage points)
+# after the white-box attacks: a sign of gradient masking.
+SQUARE_WARNING_PP = 0.2
+# Rounding slack when checking a component's raw output against eps.
+_EPS_SLACK = 1e-5
+
+AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Batches = Iterable[Tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Component:
+    """One attack of the ensemble: `attack(x, y)` returns adversarial inputs for the points it is given."""
+    name: str
+    attack: AttackFn
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AutoAttackResult:
+    n: int
+    clean_correct: torch.Tensor          # bool [n], CPU
+    robust: torch.Tensor                 # bool [n], CPU: final per-point flags (worst case over components)
+    predictions: torch.Tensor            # int64 [n], CPU: label predicted on the worst point found
+    per_component: Dict[str, Dict[str, Any]]
+    seconds: float
+    max_perturbation: float              # largest ||x_adv - x|| of the points that count as broken
+    adversarial: Optional[torch.Tensor] = None   # [n, ...] on the CPU when asked for (tests, small sets)
+
+    @property
+    def clean_acc(self) -> float:
+        return 100.0 * float(self.clean_correct.sum()) / max(self.n, 1)
+
+    @property
+    def robust_acc(self) -> float:
+        return 100.0 * float(self.robust.sum()) / max(self.n, 1)
+
+
+def torchattacks_norm(norm: str) -> str:
+    if norm not in (LINF, L2):
+        raise ValueError(f"AutoAttack supports the linf and l2 threat models, not {norm!r}")
+    return "Linf" if norm == LINF else "L2"
+
+
+def target_classes(num_classes: int) -> int:
+    """Official AutoAttack's 9 target classes, or every other class when there are fewer than 10."""
+    return min(num_classes - 1, 9)
+
+
+def build_components(model: nn.Module, preset: str, *, norm: str, eps: float, num_classes: int,
+                     seed: int) -> List[Component]:
+    """The ensemble of `preset` ('standard' or 'original'), in the order it runs."""
+    if preset == "standard":
+        return _standard_components(model, norm, eps, num_classes, seed)
+    if preset == "original":
+        return _original_components(model, norm, eps, num_classes, seed)
+    raise ValueError(f"unknown AutoAttack preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+
+
+def _standard_components(model, norm, eps, num_classes, seed) -> List[Component]:
+    import torchattacks
+
+    ta_norm = torchattacks_norm(norm)
+    n_targets = target_classes(num_classes)
+    components = [_wrap("apgd-ce", torchattacks.APGD(model, norm=ta_norm, eps=eps, steps=100, n_restarts=1, seed=seed,
+                                                     loss="ce", eot_iter=1, rho=0.75))]
+    if num_classes >= 4:
+        components.append(_wrap("apgd-t", torchattacks.APGDT(model, norm=ta_norm, eps=eps, steps=100, n_restarts=1,
+                                                             seed=seed, eot_iter=1, rho=0.75,
+                                                             n_classes=n_targets + 1)))
+    if num_classes >= 2:
+        components.append(_wrap("fab-t", torchattacks.FAB(model, norm=ta_norm, eps=eps, steps=100, n_restarts=1,
+                                                          alpha_max=0.1, eta=1.05, beta=0.9, seed=seed,
+                                                          multi_targeted=True, n_classes=n_targets + 1)))
+    components.append(_wrap("square", torchattacks.Square(model, norm=ta_norm, eps=eps, n_queries=5000, n_restarts=1,
+                                                          p_init=0.8, loss="margin", resc_schedule=False, seed=seed)))
+    _warn_skipped(components, num_classes)
+    return components
+
+
+def _original_components(model, norm, eps, num_classes, seed) -> List[Component]:
+    """The components torchattacks' own AutoAttack class builds with HARP's arguments (eps only, n_classes 10)."""
+    import torchattacks
+
+    auto = torchattacks.AutoAttack(model, norm=torchattacks_norm(norm), eps=eps, version="standard",
+                                   n_classes=min(num_classes, 10), seed=seed)
+    components = []
+    for attack in auto._autoattack.attacks:
+        name = {"APGD": "apgd-ce", "APGDT": "apgd-t", "FAB": "fab-t", "Square": "square"}[type(attack).__name__]
+        if name == "apgd-t" and num_classes < 4:
+            continue
+        components.append(_wrap(name, attack))
+    _warn_skipped(components, num_classes)
+    return components
+
+
+def _warn_skipped(components: List[Component], num_classes: int) -> None:
+    skipped = [name for name in COMPONENT_NAMES if name not in {c.name for c in components}]
+    if skipped:
+        log.warning("AutoAttack: %d classes, so %s skipped (the targeted DLR loss needs at least 4 classes); "
+                    "the result is weaker than full AutoAttack", num_classes, ", ".join(skipped))
+
+
+def _wrap(name: str, attack) -> Component:
+    """A torchattacks attack as a Component, with the parameters it will actually run with."""
+    kind = type(attack).__name__
+    params: Dict[str, Any] = {"implementation": f"torchattacks.{kind}", "seed": attack.seed}
+    if kind in ("APGD", "APGDT"):
+        params.update(steps=attack.steps, restarts=attack.n_restarts, rho=attack.thr_decr, eot_iter=attack.eot_iter)
+        params["loss"] = attack.loss if kind == "APGD" else "dlr-targeted"
+        if kind == "APGDT":
+            params["target_classes"] = attack.n_target_classes
+    elif kind == "FAB":
+        params.update(steps=attack.steps, restarts=attack.n_restarts, alpha_max=attack.alpha_max, eta=attack.eta,
+                      beta=attack.beta, targeted=attack.multi_targeted)
+        if attack.multi_targeted:
+            params["target_classes"] = attack.n_target_classes
+    elif kind == "Square":
+        params.update(queries=attack.n_queries, restarts=attack.n_restarts, p_init=attack.p_init, loss=attack.loss,
+                      resc_schedule=attack.rescale_schedule)
+    return Component(name, attack, params)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def run_autoattack(model: nn.Module, make_batches: Callable[[], Batches], components: List[Component], *,
+                   eps: float, norm: str, clip_min: float = 0.0, clip_max: float = 1.0, batch_size: int = 1000,
+                   seed: int = 0, show_progress: bool = True, keep_adversarial: bool = False,
+                   desc: str = "autoattack") -> AutoAttackResult:
+    """Official AutoAttack scoring of `components` over every point `make_batches()` yields.
+
+    `make_batches` is called once for the clean pass and once per component, and must yield the same
+    points in the same order each time (x in [clip_min, clip_max] and y, on the model's device). The model
+    is in eval mode throughout; every module's mode is restored afterwards. Each component is seeded with
+    `seed` (torch.manual_seed before it starts; torchattacks components also reseed per call).
+    """
+    started = time.time()
+    with eval_mode(model):
+        labels, clean_pred = _clean_pass(model, make_batches)
+        n = labels.numel()
+        robust = clean_pred == labels
+        clean_correct = robust.clone()
+        predictions = clean_pred.clone()
+        adversarial = None
+        per_component: Dict[str, Dict[str, Any]] = {}
+        max_perturbation = 0.0
+        log.info("%s: clean accuracy %.2f%% (%d/%d)", desc, 100.0 * float(robust.sum()) / max(n, 1),
+                 int(robust.sum()), n)
+        for component in components:
+            seed_everything(seed)
+            comp_started = time.time()
+            todo = int(robust.sum())
+            state = _ComponentState(model, component, robust, predictions, eps, norm, clip_min, clip_max)
+            bar = progress(None, total=todo, desc=f"{desc} {component.name}", enabled=show_progress)
+            if todo:
+                offset = 0
+                pending: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+                waiting = 0
+                for x, y in make_batches():
+                    b = y.shape[0]
+                    select = robust[offset:offset + b]
+                    if bool(select.any()):
+                        index = torch.arange(offset, offset + b)[select]
+                        on_device = select.to(y.device)
+                        pending.append((x[on_device], y[on_device], index))
+                        waiting += index.numel()
+                    offset += b
+                    while waiting >= batch_size:
+                        pending, waiting = state.flush(pending, batch_size, bar)
+                while waiting:
+                    pending, waiting = state.flush(pending, batch_size, bar)
+                if keep_adversarial and state.adversarial:
+                    if adversarial is None:
+                        adversarial = _clean_copy(make_batches)
+                    for index, x_adv in state.adversarial:
+                        adversarial[index] = x_adv
+            bar.close()
+            max_perturbation = max(max_perturbation, state.max_perturbation)
+            seconds = time.time() - comp_started
+            acc = 100.0 * float(robust.sum()) / max(n, 1)
+            per_component[component.name] = dict(robust_acc=acc, seconds=round(seconds, 3), attacked=todo,
+                                                  broken=state.broken, **component.params)
+            log.info("%s: robust accuracy after %s: %.2f%% (%d points attacked, %d broken, %.1fs)", desc,
+                     component.name, acc, todo, state.broken, seconds)
+            if state.max_raw_perturbation > eps * (1 + _EPS_SLACK) + _EPS_SLACK:
+                log.warning("%s: %s returned a perturbation of norm %.6g > eps %.6g; those points were projected "
+                            "back into the threat model before scoring", desc, component.name,
+                            state.max_raw_perturbation, eps)
+        _square_check(per_component, n, desc)
+    if keep_adversarial and adversarial is None:
+        adversarial = _clean_copy(make_batches)
+    return AutoAttackResult(n=n, clean_correct=clean_correct, robust=robust, predictions=predictions,
+                            per_component=per_component, seconds=time.time() - started,
+                            max_perturbation=max_perturbation, adversarial=adversarial)
+
+
+class _ComponentState:
+    """Bookkeeping of one component: runs it on a full batch of survivors and updates the shared flags."""
+
+    def __init__(self, model, component: Component, robust, predictions, eps, norm, clip_min, clip_max):
+        self.model, self.component, self.robust, self.predictions = model, component, robust, predictions
+        self.eps, self.norm, self.clip_min, self.clip_max = eps, norm, clip_min, clip_max
+        self.broken = 0
+        self.max_perturbation = 0.0
+        self.max_raw_perturbation = 0.0
+        self.adversarial: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+    def flush(self, pending, batch_size, bar):
+        x = torch.cat([p[0] for p in pending])
+        y = torch.cat([p[1] for p in pending])
+        index = torch.cat([p[2] for p in pending])
+        rest = [(x[batch_size:], y[batch_size:], index[batch_size:])] if index.numel() > batch_size else []
+        x, y, index = x[:batch_size], y[:batch_size], index[:batch_size]
+        self._attack(x, y, index)
+        bar.update(index.numel())
+        return rest, sum(r[2].numel() for r in rest)
+
+    def _attack(self, x, y, index):
+        x_raw = self.component.attack(x, y).detach()
+        if x_raw.shape != x.shape:
+            raise RuntimeError(f"{self.component.name} returned shape {tuple(x_raw.shape)} for input {tuple(x.shape)}")
+        self.max_raw_perturbation = max(self.max_raw_perturbation,
+                                        float(perturbation_norms(x_raw, x, self.norm).max()))
+        x_adv = project_to_threat(x_raw, x, self.eps, self.norm, self.clip_min, self.clip_max)
+        with torch.no_grad():
+            pred = self.model(x_adv).argmax(dim=1)
+        fooled = (pred != y).cpu()
+        if bool(fooled.any()):
+            hit = index[fooled]
+            self.robust[hit] = False
+            self.predictions[hit] = pred.cpu()[fooled]
+            self.broken += int(fooled.sum())
+            self.max_perturbation = max(self.max_perturbation,
+                                        float(perturbation_norms(x_adv[fooled.to(x.device)], x[fooled.to(x.device)],
+                                                                 self.norm).max()))
+            self.adversarial.append((hit, x_adv[fooled.to(x.device)].cpu()))
+
+
+def _clean_pass(model: nn.Module, make_batches) -> Tuple[torch.Tensor, torch.Tensor]:
+    labels, preds = [], []
+    first = True
+    with torch.no_grad():
+        for x, y in make_batches():
+            logits = model(x)
+            if first:
+                _check_model_output(model, x, logits)
+                first = False
+            labels.append(y.cpu())
+            preds.append(logits.argmax(dim=1).cpu())
+    if not labels:
+        raise ValueError("AutoAttack got no examples to evaluate")
+    return torch.cat(labels), torch.cat(preds)
+
+
+def _check_model_output(model, x, logits) -> None:
+    """Two of official AutoAttack's checks (§C.5): deterministic forward, and logits rather than probabilities."""
+    again = model(x)
+    a = logits / logits.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    b = again / again.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    if float((a - b).abs().max()) > 1e-4 or not torch.equal(logits.argmax(1), again.argmax(1)):
+        log.warning("the model's output changes between two forward passes on the same input: it looks "
+                    "randomised, and AutoAttack's standard version assumes a deterministic model")
+    if float(logits.min()) >= 0 and float(logits.max()) <= 1 and torch.allclose(
+            logits.sum(dim=1), torch.ones_like(logits[:, 0]), atol=1e-5):
+        log.warning("the model's outputs look like probabilities (in [0, 1], summing to 1); AutoAttack "
+                    "expects logits")
+
+
+def _clean_copy(make_batches) -> torch.Tensor:
+    return torch.cat([x.detach().cpu() for x, _ in make_batches()])
+
+
+def _square_check(per_component: Dict[str, Dict[str, Any]], n: int, desc: str) -> None:
+    if "square" not in per_component or len(per_component) < 2:
+        return
+    names = list(per_component)
+    before = per_component[names[names.index("square") - 1]]["robust_acc"]
+    after = per_component["square"]["robust_acc"]
+    if before - after > SQUARE_WARNING_PP:
+        log.warning("%s: Square (black-box) lowered robust accuracy by %.2f points after the white-box attacks "
+                    "(%.2f%% -> %.2f%%): the gradients may be unreliable (gradient masking)", desc,
+                    before - after, before, after)
