@@ -170,6 +170,10 @@ def prepare_foreign(cfg, sources, state, path):
 def build_and_load(cfg, info, state, path, device):
     """The evaluated model (fp32, masks frozen) and what kind of checkpoint it came from."""
     has_scores, has_rates, _ = describe_state(state)
+    if has_rates and not has_scores:
+        # The original HARP code's dense export keeps each layer's k_score next to the masked weights.
+        state = {k: v for k, v in state.items() if _leaf(k) != RATE_KEY}
+        log.info("%s: dense weights with leftover k_score entries (original HARP export); k_score ignored", path)
     build_cfg = cfg if has_scores else dataclasses.replace(cfg, exp_mode="pretrain")
     model = build_model(build_cfg, info, device).float()
     load_weights(model, state, path, drop_pruning_state=False)

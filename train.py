@@ -39,7 +39,7 @@ from utils.checkpoint import FORMAT_VERSION, load_checkpoint, save_atomic, state
 from utils.device import resolve_device
 from utils.distributed import (DistContext, all_reduce_sums, barrier, broadcast_flag, init_distributed, process_device,
                                shutdown)
-from utils.logging import setup_logging, write_jsonl
+from utils.logging import buffer_logging, setup_logging, write_jsonl
 from utils.run_dir import checkpoint_path, run_dir, source_checkpoint
 from utils.schedules import lr_at_epoch
 from utils.seed import epoch_seed, rng_state, seed_everything
@@ -137,8 +137,8 @@ def config_differences(stored: Dict, cfg) -> List[str]:
     diffs = []
     for key, value in current.items():
         opt = OPTION_BY_NAME.get(key)
-        if key in _RUNTIME_OPTIONS or (opt is not None and opt.scope == "test"):
-            continue
+        if key in _RUNTIME_OPTIONS or (opt is not None and opt.scope == "test") or value is None:
+            continue  # None: derived during set-up (e.g. num_classes from the data)
         if key in stored and stored[key] != value:
             diffs.append(f"{key}: {stored[key]!r} -> {value!r}")
     return diffs
@@ -148,7 +148,7 @@ def plan_run(cfg, directory: str) -> Optional[Dict]:
     """Decide before writing anything: None for a fresh start, or the checkpoint to resume from.
 
     Never overwrites: a finished run, or an unfinished one with different settings, is an error unless
-    --overwrite is given.
+    --overwrite is given (and then main deletes the old run only once the new one has set up).
     """
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
@@ -159,7 +159,6 @@ def plan_run(cfg, directory: str) -> Optional[Dict]:
     if not os.path.exists(last):
         return None
     if cfg.overwrite:
-        shutil.rmtree(directory)
         return None
     ckpt = load_checkpoint(last)
     if ckpt.get("finished"):
@@ -241,7 +240,7 @@ class Run:
             if self.cost_model is not None and cfg.soft_hw:
                 log.info("hardware target a_target = %.6f (%s), current soft a = %.6f", self.cost_model.target,
                          "keep fraction" if cfg.prune_reg == "weight" else "FLOPs ratio",
-                         float(self.cost_model.soft_cost(self.model)))
+                         float(self.cost_model.soft_cost(self.model).detach()))
 
     def _load_source(self) -> None:
         cfg = self.cfg
@@ -456,7 +455,7 @@ def evaluate_only(run: Run) -> None:
 
 
 def plan_on_all_ranks(cfg, directory: str, ctx: DistContext, device: torch.device) -> Optional[Dict]:
-    """Rank 0 decides (and may clear the directory with --overwrite); the others follow its decision."""
+    """Rank 0 decides; the others follow its decision."""
     error, ckpt = None, None
     if ctx.is_main:
         try:
@@ -466,7 +465,7 @@ def plan_on_all_ranks(cfg, directory: str, ctx: DistContext, device: torch.devic
     if broadcast_flag(error is not None, ctx, device):
         raise error or UserError("rank 0 refused to start this run")
     if not ctx.is_main:
-        ckpt = plan_run(dataclasses.replace(cfg, overwrite=False), directory)
+        ckpt = plan_run(cfg, directory)
     return ckpt
 
 
@@ -475,19 +474,24 @@ def main(argv=None) -> int:
     ctx = DistContext()
     try:
         cfg, sources = resolve_config(argv, "train", "train.py")
+        buffer_logging(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
         device = resolve_device(cfg.device, cfg.gpu, cfg.no_cuda)
         ctx = init_distributed(os.environ, device)
         run = Run(cfg, sources, ctx, process_device(ctx, device))
-        resume_ckpt = None if cfg.evaluate else plan_on_all_ranks(cfg, run.directory, ctx, run.device)
-        writes = ctx.is_main and not cfg.evaluate
-        if writes:
-            os.makedirs(run.directory, exist_ok=True)
-        setup_logging(os.path.join(run.directory, "train.log") if writes else None,
-                      level=logging.INFO if ctx.is_main else logging.WARNING)
         log.info("run directory: %s%s", run.directory, f" ({ctx.world_size} processes)" if ctx.enabled else "")
         for line in describe_overrides(sources, cfg):
             log.debug("config: %s", line)
-        run.setup(resume_ckpt)
+        resume_ckpt = None if cfg.evaluate else plan_on_all_ranks(cfg, run.directory, ctx, run.device)
+        run.setup(resume_ckpt)  # everything that can fail on bad input fails here, before anything is written
+        writes = ctx.is_main and not cfg.evaluate
+        if writes:
+            if cfg.overwrite and resume_ckpt is None and os.path.isdir(run.directory):
+                shutil.rmtree(run.directory)
+                log.info("--overwrite: removed the previous run")
+            os.makedirs(run.directory, exist_ok=True)
+        barrier(ctx)
+        setup_logging(os.path.join(run.directory, "train.log") if writes else None,
+                      level=logging.INFO if ctx.is_main else logging.WARNING)
         if cfg.evaluate:
             evaluate_only(run)
             return 0
@@ -507,6 +511,9 @@ def main(argv=None) -> int:
         if ctx.is_main:
             print(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    except BaseException:
+        setup_logging(None)  # a bug or an interrupt: show what was logged before the traceback
+        raise
     finally:
         shutdown(ctx)
 

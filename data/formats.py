@@ -38,10 +38,10 @@ class DatasetNotFound(UserError):
 
 
 def _missing_error(name: str, looked: Sequence[str], files: Sequence[str], downloadable: bool) -> UserError:
-    where = "\n".join(f"  {p}" for p in looked)
+    where = " or ".join(looked)
     hint = "pass --download to fetch it there, or point --data-dir" if downloadable else "point --data-dir"
     return DatasetNotFound(
-        f"{name} not found: looked for {', '.join(files)} in\n{where}\n{hint} at the directory that holds it"
+        f"{name} not found: looked for {', '.join(files)} in {where}; {hint} at the directory that holds it"
     )
 
 

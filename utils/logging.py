@@ -8,14 +8,42 @@ from typing import Any, Dict, Iterable
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
-def setup_logging(log_file: str = None, level: int = logging.INFO) -> None:
-    """Console on stderr always; append to `log_file` when given. Safe to call more than once."""
-    root = logging.getLogger()
-    root.setLevel(level)
+class _Buffer(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def _remove_our_handlers(root: logging.Logger) -> list:
+    buffered = []
     for handler in list(root.handlers):
         if getattr(handler, "_harp", False):
+            if isinstance(handler, _Buffer):
+                buffered = handler.records
             root.removeHandler(handler)
             handler.close()
+    return buffered
+
+
+def buffer_logging(level: int = logging.INFO) -> None:
+    """Hold log records back (set-up phase): if set-up fails the user sees only the error line, and nothing
+    is written; `setup_logging` later replays them to the console and the log file."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    _remove_our_handlers(root)
+    buffer = _Buffer()
+    buffer._harp = True
+    root.addHandler(buffer)
+
+
+def setup_logging(log_file: str = None, level: int = logging.INFO) -> None:
+    """Console on stderr always; append to `log_file` when given; replays any buffered records."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    buffered = _remove_our_handlers(root)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))
     handlers = [console]
@@ -27,6 +55,9 @@ def setup_logging(log_file: str = None, level: int = logging.INFO) -> None:
     for handler in handlers:
         handler._harp = True
         root.addHandler(handler)
+        for record in buffered:
+            if record.levelno >= level:
+                handler.handle(record)
 
 
 def write_jsonl(path: str, records: Iterable[Dict[str, Any]]) -> None:

@@ -1,0 +1,312 @@
+"""Speed ratios of the training and export paths, measured in one process (DESIGN.md §7, performance.md §6.3).
+
+    python scripts/benchmark.py --device cpu --arch vgg16_bn --batch-size 32 --out bench.json
+    python scripts/benchmark.py --device cuda --arch resnet18 --batch-size 512 --bf16 --channels-last
+
+Every configuration runs the code users run: one step is `trainers.engine.train_one_epoch` over a single
+batch (objective, hardware loss, zero_grad, backward, optimizer step), with `trainers.objectives.pgd_at`
+under ThreatModel(eps=0.031, step_size=0.0078, steps=10) or `trainers.objectives.natural`; models are set up
+exactly as train.py sets up each stage (pruning.wrap.sparsify, init_scores_from_weights, set_keep_rates,
+set_trainable, CostModel over pruning.graph.inspect_layers, freeze_masks, dense_state_dict).
+
+Configurations (the same random batch for all of them):
+  plain_train          plain nn layers, everything trainable, natural objective       (pretrain, no attack)
+  pgd10_at             the same model, PGD-10 AT                                       (pretrain)
+  pgd10_plain_frozen_w a copy with plain layers, conv/linear weights frozen, BN trainable, PGD-10 AT
+  pgd10_harp_prune     the same copy masked as in harp_prune: W frozen, scores + rates trainable,
+                       BN trainable, gamma * hardware loss on, PGD-10 AT
+  finetune_train       the masked copy with frozen masks (finetune mode), weights trainable, natural
+  forward_plain        eval forward of the plain model (fp32, no grad, as test.py evaluates)
+  forward_dense_export eval forward of a fresh plain model loaded with dense_state_dict(masked model)
+
+Ratios: R1 = pgd10_at / plain_train, R2 = pgd10_harp_prune / pgd10_plain_frozen_w,
+R3 = finetune_train / plain_train, R4 = forward_dense_export / forward_plain, R4_max_abs_diff = max |logits of
+the masked model - logits of the export|. On CUDA also the measured bf16 matmul rate (8192^3 probe) and
+MFU = 23 F * (images/s of pgd10_at) / matmul rate, F = forward FLOPs per image from pruning.graph.
+
+Timing: warm-up steps first, then rounds in which every configuration runs once, the order rotating from
+round to round, so that drift of a shared machine hits every configuration alike; each value is the median
+over the rounds. CUDA is synchronised before every clock reading.
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from data.info import dataset_info, dataset_names  # noqa: E402
+from models import create_model, list_models  # noqa: E402
+from pruning.budget import CostModel  # noqa: E402
+from pruning.graph import inspect_layers  # noqa: E402
+from pruning.init import init_scores_from_weights, set_keep_rates  # noqa: E402
+from pruning.trainable import set_trainable  # noqa: E402
+from pruning.wrap import dense_state_dict, freeze_masks, masked_layers, sparsify  # noqa: E402
+from trainers.attacks import ThreatModel  # noqa: E402
+from trainers.engine import train_one_epoch  # noqa: E402
+from trainers.objectives import ObjectiveSettings, natural, pgd_at  # noqa: E402
+
+THREAT = ThreatModel(eps=0.031, step_size=0.0078, steps=10)
+# The CPU thresholds of DESIGN.md §7 (R2's is for batch 32); reported next to the values, never enforced here.
+THRESHOLDS = {"R1": 8.0, "R2": 1.20, "R3": 1.05, "R4": 1.02}
+TRAIN_CONFIGS = ("plain_train", "pgd10_at", "pgd10_plain_frozen_w", "pgd10_harp_prune", "finetune_train")
+FORWARD_CONFIGS = ("forward_plain", "forward_dense_export")
+# harp_prune as the CIFAR seed command configures it: k 0.01, alpha 0.1, start rates 010_uni, gamma 0.01.
+K, ALPHA, START_KEEP, GAMMA = 0.01, 0.1, 0.10, 0.01
+LR, MOMENTUM, WD = 0.01, 0.9, 5e-4
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, iters: int = 10) -> float:
+    """Measured bf16 matmul rate (TFLOP/s) of an n^3 product on `device` (CUDA only)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return 2.0 * n ** 3 * iters / seconds / 1e12
+
+
+def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM,
+                           weight_decay=WD)
+
+
+def _train_step(model: nn.Module, optimizer, objective, batch, device, *, bf16: bool, channels_last: bool,
+                hw_loss=None, gamma: float = 0.0, attack_model: Optional[nn.Module] = None) -> Callable[[], None]:
+    """One optimizer step exactly as train.py runs it: train_one_epoch over a one-batch epoch."""
+    settings = ObjectiveSettings(threat=THREAT)
+    attack_model = model if attack_model is None else attack_model
+
+    def step():
+        train_one_epoch(model, attack_model, [batch], optimizer, objective, settings, epoch=0, num_batches=1,
+                        device=device, hw_loss=hw_loss, gamma=gamma, bf16=bf16, channels_last=channels_last,
+                        print_freq=10 ** 9, show_progress=False)
+    return step
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def forward():
+        with torch.no_grad():
+            return model(x)
+    return forward
+
+
+def build(arch: str, dataset: str, batch_size: int, device: torch.device, *, bf16: bool = False,
+          channels_last: bool = False, compile: bool = False, seed: int = 0) -> Dict:
+    """The models and one callable per configuration (see the module docstring)."""
+    info = dataset_info(dataset)
+    torch.manual_seed(seed)
+    shape = (info.in_channels, info.image_size, info.image_size)
+    x = torch.rand(batch_size, *shape, device=device)
+    y = torch.randint(0, info.num_classes, (batch_size,), device=device)
+    batch = (x, y)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    plain = create_model(arch, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
+    frozen_w = copy.deepcopy(plain)     # plain layers, weights frozen: R2's denominator
+    masked = copy.deepcopy(plain)       # harp_prune: R2's numerator
+    example = torch.zeros(1, *shape, device=device)
+    forward_flops = sum(layer.flops for layer in inspect_layers(plain, example).layers.values())
+
+    # harp_prune, as train.py sets it up (build_model, CostModel, init_pruning_state, set_trainable)
+    sparsify(masked, "weight", keep_min=ALPHA * K)
+    cost_model = CostModel(masked, inspect_layers(masked, example), "weight", K)
+    init_scores_from_weights(masked)
+    set_keep_rates(masked, {name: START_KEEP for name, _ in masked_layers(masked)})
+    set_trainable(masked, weights=False, scores=True, rates=True, norm_layers=True)
+    set_trainable(frozen_w, weights=False, scores=False, rates=False, norm_layers=True)
+    # finetune (train.py's order): weights trainable, then the same masks frozen (pruned weights zeroed once)
+    finetune = copy.deepcopy(masked)
+    set_trainable(finetune, weights=True, scores=False, rates=False, norm_layers=True)
+    freeze_masks(finetune)
+
+    for model in (plain, frozen_w, masked, finetune):
+        model.to(memory_format=memory_format)
+    optimizers = {name: _optimizer(m) for name, m in
+                  (("plain", plain), ("frozen_w", frozen_w), ("masked", masked), ("finetune", finetune))}
+
+    def wrapped(model):
+        """(training model, attack model) as train.py wires them under --compile."""
+        return (torch.compile(model), torch.compile(model)) if compile else (model, model)
+
+    common = dict(bf16=bf16, channels_last=channels_last)
+    plain_t, plain_a = wrapped(plain)
+    frozen_t, frozen_a = wrapped(frozen_w)
+    masked_t, masked_a = wrapped(masked)
+    finetune_t, finetune_a = wrapped(finetune)
+    train_steps = {
+        "plain_train": _train_step(plain_t, optimizers["plain"], natural, batch, device, attack_model=plain_a, **common),
+        "pgd10_at": _train_step(plain_t, optimizers["plain"], pgd_at, batch, device, attack_model=plain_a, **common),
+        "pgd10_plain_frozen_w": _train_step(frozen_t, optimizers["frozen_w"], pgd_at, batch, device,
+                                            attack_model=frozen_a, **common),
+        "pgd10_harp_prune": _train_step(masked_t, optimizers["masked"], pgd_at, batch, device, attack_model=masked_a,
+                                        hw_loss=lambda: cost_model.loss(masked), gamma=GAMMA, **common),
+        "finetune_train": _train_step(finetune_t, optimizers["finetune"], natural, batch, device,
+                                      attack_model=finetune_a, **common),
+    }
+    return {"info": info, "shape": shape, "batch": batch, "plain": plain, "masked": masked,
+            "forward_flops": forward_flops, "train_steps": train_steps, "memory_format": memory_format}
+
+
+def export_models(built: Dict, arch: str, device: torch.device):
+    """Eval-mode plain model and a fresh plain model holding dense_state_dict(masked)."""
+    info = built["info"]
+    export = create_model(arch, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
+    export.load_state_dict(dense_state_dict(built["masked"]), strict=True)
+    export.to(memory_format=built["memory_format"])
+    plain, masked = built["plain"], built["masked"]
+    for model in (plain, masked, export):
+        model.eval()
+    return plain, masked, export
+
+
+def interleaved(steps: Dict[str, Callable], *, warmup: int, repeats: int, device: torch.device) -> Dict[str, List[float]]:
+    """Seconds of each callable over `repeats` rounds after `warmup` untimed rounds; the order rotates per round."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    _sync(device)
+    samples = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            _sync(device)
+            start = time.perf_counter()
+            steps[name]()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def run(arch: str = "vgg16_bn", dataset: str = "CIFAR10", batch_size: int = 32, device: str = "cpu", *,
+        bf16: bool = False, channels_last: bool = False, compile: bool = False, warmup: int = 2, steps: int = 7,
+        forward_repeats: Optional[int] = None, matmul_probe: bool = True, seed: int = 0) -> Dict:
+    """Build every configuration, time it, and return the result dict that main() writes as JSON."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    built = build(arch, dataset, batch_size, dev, bf16=bf16, channels_last=channels_last, compile=compile, seed=seed)
+    train_samples = interleaved(built["train_steps"], warmup=warmup, repeats=steps, device=dev)
+
+    plain, masked, export = export_models(built, arch, dev)
+    x = built["batch"][0].contiguous(memory_format=built["memory_format"])
+    with torch.no_grad():
+        max_abs_diff = float((masked(x) - export(x)).abs().max())
+    forward_samples = interleaved({"forward_plain": _forward(plain, x), "forward_dense_export": _forward(export, x)},
+                                  warmup=warmup, repeats=forward_repeats or 3 * steps, device=dev)
+
+    samples = {**train_samples, **forward_samples}
+    seconds = {name: statistics.median(values) for name, values in samples.items()}
+    ratios = {"R1": seconds["pgd10_at"] / seconds["plain_train"],
+              "R2": seconds["pgd10_harp_prune"] / seconds["pgd10_plain_frozen_w"],
+              "R3": seconds["finetune_train"] / seconds["plain_train"],
+              "R4": seconds["forward_dense_export"] / seconds["forward_plain"]}
+    info = built["info"]
+    result = {
+        "device": dev.type, "device_name": device_name(dev), "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(), "arch": arch, "dataset": info.name, "input_shape": list(built["shape"]),
+        "num_classes": info.num_classes, "batch_size": batch_size, "bf16": bf16, "channels_last": channels_last,
+        "compile": compile, "dtype": "bfloat16 autocast (training steps)" if bf16 else "float32",
+        "eval_dtype": "float32", "warmup_rounds": warmup, "timed_rounds": steps,
+        "threat": {"eps": THREAT.eps, "step_size": THREAT.step_size, "steps": THREAT.steps},
+        "harp_prune": {"k": K, "alpha": ALPHA, "start_keep": START_KEEP, "gamma": GAMMA, "prune_reg": "weight"},
+        "forward_gflop_per_image": built["forward_flops"] / 1e9,
+        "seconds": seconds, "samples": samples,
+        "images_per_s": {name: batch_size / s for name, s in seconds.items()},
+        **ratios, "R4_max_abs_diff": max_abs_diff,
+        "thresholds_cpu": dict(THRESHOLDS),
+        "within_thresholds": {**{k: ratios[k] <= v for k, v in THRESHOLDS.items()}, "R4_max_abs_diff": max_abs_diff == 0},
+    }
+    if dev.type == "cuda" and matmul_probe:
+        rate = matmul_tflops(dev)
+        achieved = 23.0 * built["forward_flops"] * result["images_per_s"]["pgd10_at"] / 1e12
+        result.update(matmul_bf16_tflops=rate, pgd10_at_tflops=achieved, mfu_pgd10_at=achieved / rate)
+    return result
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--arch", default="vgg16_bn", help="registered architecture (default vgg16_bn)")
+    parser.add_argument("--dataset", default="CIFAR10", help="input shape and classes of this dataset (default CIFAR10: 3x32x32, 10)")
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=32)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in the training steps (eval stays fp32)")
+    parser.add_argument("--channels-last", "--channels_last", action="store_true", help="channels_last models and inputs")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models, as train.py --compile")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (>= 2)")
+    parser.add_argument("--steps", type=int, default=7, help="timed rounds; each value is their median (>= 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if args.warmup < 2:
+        parser.error("--warmup must be >= 2")
+    if args.steps < 5:
+        parser.error("--steps must be >= 5 (the ratios are medians of at least 5 timed steps)")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be positive")
+    if args.arch not in list_models():
+        parser.error(f"unknown --arch {args.arch!r}; choose one of: {', '.join(list_models())}")
+    names = {n.lower(): n for n in dataset_names()}
+    if args.dataset.lower() not in names:
+        parser.error(f"unknown --dataset {args.dataset!r}; choose one of: {', '.join(dataset_names())}")
+    args.dataset = names[args.dataset.lower()]
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"bad --device {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    result = run(args.arch, args.dataset, args.batch_size, args.device, bf16=args.bf16,
+                 channels_last=args.channels_last, compile=args.compile, warmup=args.warmup, steps=args.steps,
+                 seed=args.seed)
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""scripts/benchmark.py on a small model: the JSON it writes and the exactness of the dense export.
+
+The timing thresholds themselves (R1 <= 8, R2 <= 1.2, R3 <= 1.05, R4 <= 1.02 for vgg16_bn at batch 32 on the
+CPU) are not checked here: on a shared 2-core CI machine they are too noisy for a pass/fail test.
+"""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from pruning.wrap import masked_layers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = {"R1", "R2", "R3", "R4", "R4_max_abs_diff", "images_per_s", "seconds", "samples", "device", "device_name",
+        "torch", "bf16", "channels_last", "batch_size", "arch", "dataset", "input_shape", "forward_gflop_per_image",
+        "threads", "within_thresholds"}
+CONFIGS = {"plain_train", "pgd10_at", "pgd10_plain_frozen_w", "pgd10_harp_prune", "finetune_train", "forward_plain",
+           "forward_dense_export"}
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("harp_benchmark", os.path.join(ROOT, "scripts", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = _load_benchmark()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_run_reports_every_ratio_and_an_exact_export():
+    result = benchmark.run("small_cnn", "CIFAR10", 4, "cpu", warmup=2, steps=2)
+    assert KEYS <= set(result)
+    assert set(result["seconds"]) == set(result["images_per_s"]) == set(result["samples"]) == CONFIGS
+    assert all(len(v) == 2 for k, v in result["samples"].items() if not k.startswith("forward"))
+    assert result["R4_max_abs_diff"] == 0.0
+    assert result["input_shape"] == [3, 32, 32] and result["batch_size"] == 4 and result["device"] == "cpu"
+    for name in ("R1", "R2", "R3", "R4"):
+        assert result[name] > 0
+    assert result["R1"] == pytest.approx(result["seconds"]["pgd10_at"] / result["seconds"]["plain_train"])
+    assert result["images_per_s"]["plain_train"] == pytest.approx(4 / result["seconds"]["plain_train"])
+    assert "mfu_pgd10_at" not in result  # CUDA only
+    json.dumps(result)  # plain JSON types only
+
+
+def test_configurations_are_set_up_as_train_py_sets_up_each_stage():
+    built = benchmark.build("small_cnn", "digits", 4, torch.device("cpu"))
+    masked = built["masked"]
+    layers = masked_layers(masked)
+    assert layers and all(layer.mask_mode == "learn" for _, layer in layers)
+    assert all(layer.popup_scores.requires_grad and layer.k_score.requires_grad and not layer.weight.requires_grad
+               for _, layer in layers)
+    keep = [float(layer.keep_rate().detach()) for _, layer in layers]
+    assert keep == pytest.approx([benchmark.START_KEEP] * len(layers), rel=1e-4)
+    assert not any(isinstance(m, type(layers[0][1])) for m in built["plain"].modules())
+    assert all(p.requires_grad for p in built["plain"].parameters())
+
+
+def test_cli_checks_its_protocol_and_writes_the_json(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--steps", "4"])  # fewer than 5 timed steps
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--warmup", "1"])
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--arch", "vgg17"])
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--arch", "small_cnn", "--dataset", "digits", "--batch-size", "4", "--steps", "5",
+                           "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written == json.loads(capsys.readouterr().out)
+    assert written["dataset"] == "digits" and written["input_shape"] == [1, 8, 8]
+    assert written["R4_max_abs_diff"] == 0.0 and all(len(v) >= 5 for v in written["samples"].values())
