@@ -199,7 +199,8 @@ def run_autoattack(model: nn.Module, make_batches: Callable[[], Batches], compon
             seed_everything(seed)
             comp_started = time.time()
             todo = int(robust.sum())
-            state = _ComponentState(model, component, robust, predictions, eps, norm, clip_min, clip_max)
+            state = _ComponentState(model, component, robust, predictions, eps, norm, clip_min, clip_max,
+                                    keep_adversarial)
             bar = progress(None, total=todo, desc=f"{desc} {component.name}", enabled=show_progress)
             if todo:
                 offset = 0
@@ -246,8 +247,9 @@ def run_autoattack(model: nn.Module, make_batches: Callable[[], Batches], compon
 class _ComponentState:
     """Bookkeeping of one component: runs it on a full batch of survivors and updates the shared flags."""
 
-    def __init__(self, model, component: Component, robust, predictions, eps, norm, clip_min, clip_max):
+    def __init__(self, model, component: Component, robust, predictions, eps, norm, clip_min, clip_max, keep):
         self.model, self.component, self.robust, self.predictions = model, component, robust, predictions
+        self.keep = keep
         self.eps, self.norm, self.clip_min, self.clip_max = eps, norm, clip_min, clip_max
         self.broken = 0
         self.max_perturbation = 0.0
@@ -282,7 +284,8 @@ class _ComponentState:
             self.max_perturbation = max(self.max_perturbation,
                                         float(perturbation_norms(x_adv[fooled.to(x.device)], x[fooled.to(x.device)],
                                                                  self.norm).max()))
-            self.adversarial.append((hit, x_adv[fooled.to(x.device)].cpu()))
+            if self.keep:
+                self.adversarial.append((hit, x_adv[fooled.to(x.device)].cpu()))
 
 
 def _clean_pass(model: nn.Module, make_batches) -> Tuple[torch.Tensor, torch.Tensor]:
