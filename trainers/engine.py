@@ -51,6 +51,19 @@ class _Totals:
         return out
 
 
+def _backward(optimizer: torch.optim.Optimizer, loss: torch.Tensor, hw_loss: Optional[HardwareLoss],
+              gamma: float) -> Optional[torch.Tensor]:
+    """Gradients of loss + gamma * L_hw (the hardware loss only in rate/harp prune); returns L_hw."""
+    hw = None
+    total = loss
+    if hw_loss is not None:
+        hw, _ = hw_loss()
+        total = loss + gamma * hw
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    return hw
+
+
 def _autocast(device: torch.device, bf16: bool):
     if not bf16:
         return contextlib.nullcontext()
@@ -70,13 +83,7 @@ def train_one_epoch(model: nn.Module, attack_model: nn.Module, batches: Iterable
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, bf16):
             loss, logits = objective(model, attack_model, x, y, settings)
-        hw = None
-        total = loss
-        if hw_loss is not None:
-            hw, _ = hw_loss()
-            total = loss + gamma * hw
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        hw = _backward(optimizer, loss, hw_loss, gamma)
         optimizer.step()
         totals.add(loss, logits, y, hw)
         if step % print_freq == 0:
@@ -129,13 +136,7 @@ def train_one_epoch_free(model: nn.Module, batches: Iterable, optimizer: torch.o
             with _autocast(device, bf16):
                 logits = model((x + delta).clamp(perturbation.clip_min, perturbation.clip_max))
                 loss = F.cross_entropy(logits, y)
-            hw = None
-            total = loss
-            if hw_loss is not None:
-                hw, _ = hw_loss()
-                total = loss + gamma * hw
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            hw = _backward(optimizer, loss, hw_loss, gamma)
             perturbation.step(delta, delta.grad)
             optimizer.step()
             totals.add(loss, logits, y, hw)
