@@ -183,6 +183,8 @@ class Run:
         if cfg.batch_size % ctx.world_size:
             raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {ctx.world_size} processes")
         self.local_batch = cfg.batch_size // ctx.world_size  # --batch-size is the global batch
+        if self.spec.masked:
+            parse_strategy_id(cfg.stg_id)  # names the experiment in every masked mode: reject typos early
         self.total_epochs = cfg.epochs + cfg.warmup_epochs
         self.history: List[Dict] = []
         self.best = -math.inf
@@ -406,6 +408,8 @@ class Run:
                 self.save(epoch + 1, is_best, finished=last)
             barrier(self.ctx)
             log.info(_epoch_line(record))
+            if "per_layer_keep" in record:
+                log.info("per-layer keep: %s", ", ".join(f"{n}={v:.4f}" for n, v in record["per_layer_keep"].items()))
 
     # -- checkpoints
     def checkpoint_dict(self, epoch: int, finished: bool) -> Dict:
