@@ -10,7 +10,6 @@ Nothing later in the code overrides a value set here; options left unset that de
 (the tri-state ones) are filled from the mode table.
 """
 import argparse
-import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -194,10 +193,6 @@ def _check_consistency(values: Dict[str, Any], sources: Dict[str, str]) -> None:
         raise UserError(f"no --arch given and {os.path.relpath(preset_path(values['dataset']))} sets none")
     if values["std"] is not None and any(v <= 0 for v in values["std"]):
         raise UserError("every --std value must be > 0")
-
-
-def replace(cfg: Config, **changes) -> Config:
-    return dataclasses.replace(cfg, **changes)
 
 
 def describe_overrides(sources: Dict[str, str], cfg: Config) -> List[str]:

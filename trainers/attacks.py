@@ -5,7 +5,7 @@ gradients (DESIGN.md §7), runs the model in eval mode and restores each module'
 and keeps x_adv inside the eps-ball around x and inside [clip_min, clip_max].
 """
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -23,9 +23,6 @@ class ThreatModel:
     clip_min: float = 0.0
     clip_max: float = 1.0
     random_start: bool = True
-
-    def with_steps(self, steps: int) -> "ThreatModel":
-        return replace(self, steps=steps)
 
 
 @contextlib.contextmanager
