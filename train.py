@@ -370,6 +370,9 @@ class Run:
 
     def run_epochs(self) -> None:
         cfg = self.cfg
+        if cfg.lr_schedule == "cosine" and cfg.epochs == 1:
+            log.warning("--epochs 1 with the original's cosine schedule gives lr 0 (it evaluates at epoch e-1); "
+                        "use --lr-schedule constant or more epochs to actually train")
         if self.start_epoch == 0 and self.spec.masked and cfg.dataset != "imagenet":
             start = self.validate("start")
             log.info("before training: %s", ", ".join(f"{k} {v:.2f}" for k, v in start.items()))

@@ -25,6 +25,9 @@ the masked model - logits of the export|; `paired_round_ratios` is the median of
 diagnostic that is less sensitive to load bursts on a shared machine. On CUDA also the measured bf16 matmul rate (8192^3 probe) and
 MFU = 23 F * (images/s of pgd10_at) / matmul rate, F = forward FLOPs per image from pruning.graph.
 
+--compile wraps the training and attack models in torch.compile as train.py --compile does (warm-up rounds
+absorb the compilation); the eval forwards of R4 stay eager, as test.py runs them.
+
 Timing: warm-up steps first, then rounds in which every configuration runs once, the order rotating from
 round to round, so that drift of a shared machine hits every configuration alike; each value is the median
 over the rounds. CUDA is synchronised before every clock reading.
