@@ -19,11 +19,12 @@ Configurations (the same random batch for all of them):
   forward_plain        eval forward of the plain model (fp32, no grad, as test.py evaluates)
   forward_dense_export eval forward of a fresh plain model loaded with dense_state_dict(masked model)
 
-Ratios: R1 = pgd10_at / plain_train, R2 = pgd10_harp_prune / pgd10_plain_frozen_w,
-R3 = finetune_train / plain_train, R4 = forward_dense_export / forward_plain (each a ratio of medians), R4_max_abs_diff = max |logits of
-the masked model - logits of the export|; `paired_round_ratios` is the median of the per-round ratios, a
-diagnostic that is less sensitive to load bursts on a shared machine. On CUDA also the measured bf16 matmul rate (8192^3 probe) and
-MFU = 23 F * (images/s of pgd10_at) / matmul rate, F = forward FLOPs per image from pruning.graph.
+Ratios (each a ratio of medians): R1 = pgd10_at / plain_train, R2 = pgd10_harp_prune / pgd10_plain_frozen_w,
+R3 = finetune_train / plain_train, R4 = forward_dense_export / forward_plain; R4_max_abs_diff = max |logits of
+the masked model - logits of the export|. `paired_round_ratios` (the median of the per-round ratios) is a
+diagnostic that is less sensitive to load bursts on a shared machine. On CUDA also the measured bf16 matmul
+rate (8192^3 probe) and MFU = 23 F * (images/s of pgd10_at) / matmul rate, F = forward FLOPs per image from
+pruning.graph.inspect_layers.
 
 --compile wraps the training and attack models in torch.compile as train.py --compile does (warm-up rounds
 absorb the compilation); the eval forwards of R4 stay eager, as test.py runs them.
@@ -220,9 +221,7 @@ def run(arch: str = "vgg16_bn", dataset: str = "CIFAR10", batch_size: int = 32, 
         bf16: bool = False, channels_last: bool = False, compile: bool = False, warmup: int = 2, steps: int = 7,
         forward_repeats: Optional[int] = None, matmul_probe: bool = True, seed: int = 0) -> Dict:
     """Build every configuration, time it, and return the result dict that main() writes as JSON."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    dev = torch.device(device)  # cudnn.benchmark is left as train.py leaves it (off)
     built = build(arch, dataset, batch_size, dev, bf16=bf16, channels_last=channels_last, compile=compile, seed=seed)
     train_samples = interleaved(built["train_steps"], warmup=warmup, repeats=steps, device=dev)
 

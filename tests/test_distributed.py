@@ -151,12 +151,16 @@ def _rank_worker(rank, world_size, init_file, out_path):
         n = stats["train_examples"]
         totals = all_reduce_sums({"n": n, "loss": stats["train_loss"] * n, "hw": stats["hw_loss_mean"]},
                                  DistContext(rank, world_size), torch.device("cpu"))
-        if rank == 0:
-            torch.save({"state": model.state_dict(), "loss": totals["loss"] / totals["n"],
-                        "hw": totals["hw"] / world_size, "n": totals["n"],
-                        "kept": [layer.kept_count() for _, layer in masked_layers(model)]}, out_path)
+        # Tear down in order (wrapper, then a barrier, then the group) so that no process exits while gloo
+        # still has work in flight: that can abort a process at interpreter exit.
+        del ddp
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    if rank == 0:
+        torch.save({"state": model.state_dict(), "loss": totals["loss"] / totals["n"],
+                    "hw": totals["hw"] / world_size, "n": totals["n"],
+                    "kept": [layer.kept_count() for _, layer in masked_layers(model)]}, out_path)
 
 
 def test_ddp_steps_equal_one_process_on_the_whole_batch(tmp_path):
