@@ -37,8 +37,7 @@ from trainers.evaluate import accuracies, evaluate
 from trainers.objectives import ObjectiveSettings, get_objective
 from utils.checkpoint import FORMAT_VERSION, load_checkpoint, save_atomic, state_dict_of
 from utils.device import resolve_device
-from utils.distributed import (DistContext, all_reduce_sums, barrier, broadcast_flag, init_distributed, process_device,
-                               shutdown)
+from utils.distributed import DistContext, all_reduce_sums, barrier, broadcast_flag, init_distributed, shutdown
 from utils.logging import buffer_logging, setup_logging, write_jsonl
 from utils.run_dir import checkpoint_path, run_dir, source_checkpoint
 from utils.schedules import lr_at_epoch
@@ -225,6 +224,11 @@ class Run:
             freeze_masks(self.model)
         if cfg.channels_last and not cfg.evaluate:
             self.model.to(memory_format=torch.channels_last)
+        if self.ctx.enabled and self.device.type == "cuda" and not cfg.evaluate:
+            # BN statistics over the global batch, as one process would compute them (SyncBatchNorm is GPU-only)
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self._optimizer(params)
         if resume_ckpt is not None:
@@ -482,9 +486,8 @@ def main(argv=None) -> int:
     try:
         cfg, sources = resolve_config(argv, "train", "train.py")
         buffer_logging(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
-        device = resolve_device(cfg.device, cfg.gpu, cfg.no_cuda)
-        ctx = init_distributed(os.environ, device)
-        run = Run(cfg, sources, ctx, process_device(ctx, device))
+        ctx, device = init_distributed(os.environ, resolve_device(cfg.device, cfg.gpu, cfg.no_cuda))
+        run = Run(cfg, sources, ctx, device)
         log.info("run directory: %s%s", run.directory, f" ({ctx.world_size} processes)" if ctx.enabled else "")
         for line in describe_overrides(sources, cfg):
             log.debug("config: %s", line)
@@ -515,8 +518,8 @@ def main(argv=None) -> int:
         log.info("done: %s (best %s %.2f%%)", checkpoint_path(run.directory, "best"), run.selection_metric, run.best)
         return 0
     except UserError as err:
-        if ctx.is_main:
-            print(f"train.py: error: {err}", file=sys.stderr)
+        where = f"[rank {ctx.rank}] " if ctx.enabled and not ctx.is_main else ""  # a rank-local problem must show
+        print(f"train.py: error: {where}{err}", file=sys.stderr)
         return 2
     except BaseException:
         setup_logging(None)  # a bug or an interrupt: show what was logged before the traceback

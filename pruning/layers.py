@@ -101,8 +101,8 @@ class MaskedMixin:
             with torch.no_grad():
                 keep = float(self.keep_rate())  # one host sync per layer per optimizer step
                 if self.granularity == WEIGHT:
-                    mask = top_mask(self.popup_scores, kept_weight_count(keep, self.popup_scores.numel()))
-                    kept = int(mask.sum())
+                    kept = kept_weight_count(keep, self.popup_scores.numel())
+                    mask = top_mask(self.popup_scores, kept)  # exactly `kept` ones
                 else:
                     channels = self.popup_scores.numel()
                     kept_channels = kept_channel_count(keep, channels)
@@ -115,6 +115,9 @@ class MaskedMixin:
     # ---- forward
     def effective_weight(self) -> torch.Tensor:
         if self.mask_mode == FROZEN:
+            if self._grad_hook is None and self.weight.requires_grad:
+                # registered here, not in freeze_mask, so it works whichever of freezing and unfreezing comes first
+                self._grad_hook = self.weight.register_hook(self._mask_gradient)
             return self.weight
         mask, masked_weight, _ = self._mask_and_weight()
         return _StraightThroughMaskedWeight.apply(self.weight, self.popup_scores, self.k_score, self.keep_min,
@@ -126,14 +129,17 @@ class MaskedMixin:
     # ---- freezing
     def freeze_mask(self) -> None:
         """Zero the pruned weights in place and keep them zero: their gradient is masked from now on."""
-        mask = self.mask().detach().clone()
+        self._frozen_mask = self.mask().detach().clone()
         with torch.no_grad():
-            self.weight.mul_(mask)
+            self.weight.mul_(self._frozen_mask)
         if self._grad_hook is not None:
             self._grad_hook.remove()
-        self._grad_hook = self.weight.register_hook(lambda grad: grad * mask)
+            self._grad_hook = None
         self.mask_mode = FROZEN
         self._cache_key = None
+
+    def _mask_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * self._frozen_mask
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", granularity={self.granularity}, keep_min={self.keep_min:g}, masks={self.mask_mode}"

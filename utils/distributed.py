@@ -4,7 +4,7 @@ torchrun (or SLURM through scripts/slurm_harp.sbatch) sets RANK, WORLD_SIZE and 
 point passes its environment here, so library code never reads os.environ itself.
 """
 from dataclasses import dataclass
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,25 +27,24 @@ class DistContext:
         return self.rank == 0
 
 
-def init_distributed(env: Mapping[str, str], device: torch.device) -> DistContext:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
+def init_distributed(env: Mapping[str, str], device: torch.device) -> Tuple[DistContext, torch.device]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs.
+
+    Returns the context and this process's device: under torchrun each process drives the GPU of its local
+    rank, selected before the group is created so NCCL binds to it.
+    """
     world_size = int(env.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return DistContext()
+        return DistContext(), device
     ctx = DistContext(int(env["RANK"]), world_size, int(env.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return ctx
-
-
-def process_device(ctx: DistContext, device: torch.device) -> torch.device:
-    """Each process drives the GPU of its local rank."""
-    if ctx.enabled and device.type == "cuda":
+    if device.type == "cuda":
         if ctx.local_rank >= torch.cuda.device_count():
             raise UserError(f"local rank {ctx.local_rank} has no GPU ({torch.cuda.device_count()} visible)")
         torch.cuda.set_device(ctx.local_rank)
-        return torch.device("cuda", ctx.local_rank)
-    return device
+        device = torch.device("cuda", ctx.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return ctx, device
 
 
 def all_reduce_sums(values: Dict[str, float], ctx: DistContext, device: torch.device) -> Dict[str, float]:

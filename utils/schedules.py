@@ -1,7 +1,8 @@
 """Per-epoch learning-rate schedules of the original (harp-spec §6.5), as pure functions.
 
 The cosine schedule keeps the original's "-1" offset on purpose (DESIGN.md §4): epochs 0 and 2 get the
-same lr, epoch 1 the full lr, and the lr never reaches 0.
+same lr, epoch 1 the full lr, and the last epoch a small positive lr. With a single epoch (epochs = 1) the
+only lr is 0; train.py warns about it.
 """
 import math
 
