@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import yaml
@@ -27,7 +27,6 @@ from pruning.allocation import allocate_keep_rates
 from pruning.budget import CostModel, GammaSchedule, target_met
 from pruning.graph import inspect_layers
 from pruning.init import init_scores_from_weights, init_scores_random, set_keep_rates, tie_rates
-from pruning.layers import MaskedMixin
 from pruning.trainable import set_trainable
 from pruning.wrap import SCORE_KEY, RATE_KEY, dense_state_dict, freeze_masks, masked_layers, sparsify, sparsity_report
 from strategies import parse_strategy_id, shipped_strategy

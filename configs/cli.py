@@ -11,7 +11,7 @@ Nothing later in the code overrides a value set here; options left unset that de
 """
 import argparse
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import yaml
 

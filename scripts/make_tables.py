@@ -256,8 +256,9 @@ def to_latex(tables: List[Table], attack: str, preset: str, metric: str) -> str:
 FORMATS = {"md": to_markdown, "markdown": to_markdown, "csv": to_csv, "latex": to_latex, "tex": to_latex}
 
 
-def make_tables(paths: Sequence[str], fmt: str = "md", attack: str = "autoattack", preset: str = "standard",
-                metric: str = "auto", dataset: Optional[str] = None) -> str:
+def load_entries(paths: Sequence[str], attack: str = "autoattack", preset: str = "standard", metric: str = "auto",
+                 dataset: Optional[str] = None) -> List["Entry"]:
+    """Every usable result under `paths` (tables and plots share this); an error if there is none."""
     results = find_results(paths)
     if not results:
         raise TableError(f"no test.py result JSONs under {', '.join(paths)} (run test.py first)")
@@ -268,6 +269,12 @@ def make_tables(paths: Sequence[str], fmt: str = "md", attack: str = "autoattack
     if all(e.robust is None for e in entries):
         known = sorted({name for _, r in results for name in r["attacks"]})
         raise TableError(f"no result has attack {attack!r}; the results have: {', '.join(known) or 'none'}")
+    return entries
+
+
+def make_tables(paths: Sequence[str], fmt: str = "md", attack: str = "autoattack", preset: str = "standard",
+                metric: str = "auto", dataset: Optional[str] = None) -> str:
+    entries = load_entries(paths, attack, preset, metric, dataset)
     return FORMATS[fmt](build_tables(entries), attack, preset, metric)
 
 

@@ -16,10 +16,9 @@ security-curve: robust accuracy against eps from the `security_curve` of result 
 """
 import argparse
 import json
-import math
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -30,7 +29,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from scripts.make_tables import TableError, collect, find_results, method_of, sparsity_percent  # noqa: E402
+from scripts.make_tables import TableError, load_entries, method_of, sparsity_percent  # noqa: E402
 
 PlotError = TableError
 
@@ -143,12 +142,7 @@ def plot_keep_rates(paths: Sequence[str], output: str, labels: Optional[Sequence
 # ----------------------------------------------------------------------------------------------- accuracy vs sparsity
 def plot_accuracy_sparsity(paths: Sequence[str], output: str, attack: str = "autoattack", preset: str = "standard",
                            metric: str = "auto", dataset: Optional[str] = None) -> None:
-    results = find_results(paths)
-    if not results:
-        raise PlotError(f"no test.py result JSONs under {', '.join(paths)}")
-    entries = collect(results, attack=attack, preset=preset, metric=metric, dataset=dataset)
-    if not entries:
-        raise PlotError(f"no results with preset {preset!r} (try --preset any)")
+    entries = load_entries(paths, attack, preset, metric, dataset)
     panels = sorted({(e.dataset, e.arch) for e in entries})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.0), squeeze=False)
     for ax, (ds, arch) in zip(axes[0], panels):

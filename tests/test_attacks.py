@@ -19,13 +19,7 @@ EPS = {LINF: 0.1, L2: 0.5}
 SLACK = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models are overhead-bound; several threads only contend (and slow everything on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(num_classes=10, seed=0):

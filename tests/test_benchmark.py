@@ -3,7 +3,6 @@
 The timing thresholds themselves (R1 <= 8, R2 <= 1.2, R3 <= 1.05, R4 <= 1.02 for vgg16_bn at batch 32 on the
 CPU) are not checked here: on a shared 2-core CI machine they are too noisy for a pass/fail test.
 """
-import importlib.util
 import json
 import os
 
@@ -11,8 +10,8 @@ import pytest
 import torch
 
 from pruning.wrap import masked_layers
+from tests.conftest import load_entry_point
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"R1", "R2", "R3", "R4", "R4_max_abs_diff", "images_per_s", "seconds", "samples", "device", "device_name",
         "torch", "bf16", "channels_last", "batch_size", "arch", "dataset", "input_shape", "forward_gflop_per_image",
         "threads", "within_thresholds"}
@@ -20,22 +19,10 @@ CONFIGS = {"plain_train", "pgd10_at", "pgd10_plain_frozen_w", "pgd10_harp_prune"
            "forward_dense_export"}
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("harp_benchmark", os.path.join(ROOT, "scripts", "benchmark.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+benchmark = load_entry_point(os.path.join("scripts", "benchmark.py"), "harp_benchmark")
 
 
-benchmark = _load_benchmark()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_run_reports_every_ratio_and_an_exact_export():

@@ -11,7 +11,6 @@ examples) the rate logits saturate within the first steps, some of them at keep 
 a rate is the sum over all of a layer's weights). Measured, 2 epochs: keep went from 10 % to 55 % at gamma 0.1,
 to 25 % at gamma 30 and to 24 % at gamma 1000; no --gamma reached 1 %.
 """
-import importlib.util
 import json
 import os
 
@@ -20,11 +19,11 @@ import torch
 import torch.nn as nn
 
 import train
+from tests.conftest import load_entry_point
 from tests.fakedata import write_imagenet_folder
 from trainers.engine import FreePerturbation, train_one_epoch_free
 from utils.checkpoint import load_checkpoint, save_atomic
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 0.05
 N_REPEATS = 3
 
@@ -231,24 +230,8 @@ def test_imagenet_finetune_stage_chains_from_the_prune_run_and_exports_dense(ima
     assert not any(k.endswith(("popup_scores", "k_score")) for k in dense["state_dict"])  # preset save_dense: true
 
 
-def _load_test_py():
-    path = os.path.join(ROOT, "test.py")
-    if not os.path.isfile(path):
-        return None
-    # Loaded from its path: `import test` could find the standard library's `test` package instead.
-    spec = importlib.util.spec_from_file_location("harp_test_entry_freeadv", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception:  # noqa: BLE001 - a half-written test.py
-        return None
-    return module if callable(getattr(module, "main", None)) else None
-
-
 def test_imagenet_seed_test_command_evaluates_the_finetuned_run(imagenet, tmp_path):
-    test_py = _load_test_py()
-    if test_py is None:
-        pytest.skip("test.py not available yet")
+    test_py = load_entry_point("test.py", "harp_test_entry")
     results_file = str(tmp_path / "result.json")
     argv = shrink(SEED_TEST, imagenet["data_dir"], imagenet["result_dir"], training=False)
     assert test_py.main(argv + ["--attacks", "natural,pgd10", "--results-file", results_file]) == 0

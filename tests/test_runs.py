@@ -14,7 +14,7 @@ import train
 from tests.fakedata import write_cifar10
 from utils.checkpoint import load_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT
 SEED_PRETRAIN = ["--arch", "vgg16_bn", "--dataset", "CIFAR10", "--exp-mode", "pretrain", "--adv_loss", "pgd", "--epochs", "100"]
 
 

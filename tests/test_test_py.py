@@ -1,5 +1,4 @@
 """test.py end to end on real digits checkpoints written by train.py (one tiny pipeline per module)."""
-import importlib.util
 import json
 import os
 
@@ -7,32 +6,19 @@ import pytest
 import torch
 
 import train
+from tests.conftest import load_entry_point
 
 try:
     import fakedata
 except ImportError:  # pragma: no cover
     from tests import fakedata
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_test_py():
-    # Loaded from its path: `import test` could find the standard library's `test` package instead.
-    spec = importlib.util.spec_from_file_location("harp_test_entry", os.path.join(ROOT, "test.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+test_py = load_entry_point("test.py", "harp_test_entry")
 
 
-test_py = _load_test_py()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ import torch.nn as nn
 from configs.errors import UserError
 from configs.schema import ATTACK_NAMES
 from pruning.wrap import masked_layers, prunable_layers, sparsity_report
-from trainers.attacks import (L2, LINF, ThreatModel, eval_mode, perturbation_norms, pgd, project_to_threat)
+from trainers.attacks import LINF, ThreatModel, eval_mode, perturbation_norms, pgd, project_to_threat
 from trainers.autoattack import build_components, run_autoattack
 from utils.progress import progress
 from utils.seed import seed_everything

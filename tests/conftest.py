@@ -1,0 +1,25 @@
+"""Shared test fixtures and helpers."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_entry_point(relative_path: str, module_name: str):
+    """Import a script by path (`import test` could find the standard library's `test` package instead)."""
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(ROOT, relative_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are overhead-bound: several threads only contend, and slow down a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
