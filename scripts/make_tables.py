@@ -88,6 +88,7 @@ class Entry:
     robust: Optional[float]
     path: str
     preference: Tuple = field(default=())
+    measured_sparsity: float = 0.0   # 100 * (1 - global_keep), unrounded
 
 
 def _accuracy(result: Dict, attack: str, balanced: bool) -> Tuple[float, Optional[float]]:
@@ -126,7 +127,7 @@ def collect(results: Iterable[Tuple[str, Dict]], attack: str = "autoattack", pre
         natural, robust = _accuracy(result, attack, balanced)
         entry = Entry(result["dataset"], method, granularity, result["arch"],
                       0.0 if method == "dense" else sparsity_percent(result), natural, robust, path,
-                      _preference(path, result, stage))
+                      _preference(path, result, stage), 100.0 * (1.0 - float(result["sparsity"]["global_keep"])))
         key = (entry.dataset, entry.method, entry.granularity, entry.arch, entry.sparsity)
         if key not in best or entry.preference > best[key].preference:
             best[key] = entry
@@ -150,11 +151,13 @@ def _granularity_rank(granularity: str) -> Tuple[int, str]:
     return (GRANULARITY_ORDER.index(granularity) if granularity in GRANULARITY_ORDER else -1, granularity)
 
 
-def cell_text(natural: float, robust: Optional[float]) -> str:
-    return f"{natural:.2f} / {DASH if robust is None else f'{robust:.2f}'}"
+def cell_text(natural: float, robust: Optional[float], sparsity: Optional[float] = None) -> str:
+    text = f"{natural:.2f} / {DASH if robust is None else f'{robust:.2f}'}"
+    return text if sparsity is None else f"{text} ({sparsity:.2f}% sparse)"
 
 
-def build_tables(entries: List[Entry]) -> List[Table]:
+def build_tables(entries: List[Entry], show_sparsity: bool = False) -> List[Table]:
+    """show_sparsity: add each model's exact measured sparsity to its cell (columns are rounded to 0.1 %)."""
     tables = []
     for dataset in sorted({e.dataset for e in entries}):
         mine = [e for e in entries if e.dataset == dataset]
@@ -167,7 +170,7 @@ def build_tables(entries: List[Entry]) -> List[Table]:
                       key=lambda r: (_method_rank(r[0]), _granularity_rank(r[1])))
         cells = {}
         for e in mine:
-            text = cell_text(e.natural, e.robust)
+            text = cell_text(e.natural, e.robust, e.measured_sparsity if show_sparsity else None)
             if e.method == "dense":
                 for arch, sparsity in columns:
                     if arch == e.arch:
@@ -273,9 +276,9 @@ def load_entries(paths: Sequence[str], attack: str = "autoattack", preset: str =
 
 
 def make_tables(paths: Sequence[str], fmt: str = "md", attack: str = "autoattack", preset: str = "standard",
-                metric: str = "auto", dataset: Optional[str] = None) -> str:
+                metric: str = "auto", dataset: Optional[str] = None, show_sparsity: bool = False) -> str:
     entries = load_entries(paths, attack, preset, metric, dataset)
-    return FORMATS[fmt](build_tables(entries), attack, preset, metric)
+    return FORMATS[fmt](build_tables(entries, show_sparsity), attack, preset, metric)
 
 
 def main(argv=None) -> int:
@@ -288,10 +291,13 @@ def main(argv=None) -> int:
     parser.add_argument("--metric", default="auto", choices=("auto", "acc", "balanced"),
                         help="auto: balanced accuracy for SVHN, accuracy otherwise (default: auto)")
     parser.add_argument("--dataset", default=None, help="only this dataset")
+    parser.add_argument("--show-sparsity", action="store_true",
+                        help="add each model's exact measured sparsity to its cell")
     parser.add_argument("-o", "--output", default=None, help="write here instead of standard output")
     args = parser.parse_args(argv)
     try:
-        text = make_tables(args.paths, args.format, args.attack, args.preset, args.metric, args.dataset)
+        text = make_tables(args.paths, args.format, args.attack, args.preset, args.metric, args.dataset,
+                           args.show_sparsity)
     except TableError as err:
         print(f"make_tables.py: error: {err}", file=sys.stderr)
         return 2

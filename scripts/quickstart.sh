@@ -18,4 +18,4 @@ run "$PY" train.py --dataset digits --result-dir "$RESULTS" --exp-mode score_fin
 for mode in pretrain harp_finetune score_finetune; do
   run "$PY" test.py --dataset digits --result-dir "$RESULTS" --exp-mode "$mode" --k 0.01 --attacks natural,pgd10
 done
-run "$PY" scripts/make_tables.py "$RESULTS" --dataset digits --attack pgd10
+run "$PY" scripts/make_tables.py "$RESULTS" --dataset digits --attack pgd10 --show-sparsity

@@ -77,6 +77,13 @@ def test_markdown_table_in_the_paper_layout(tree):
     assert make_tables.make_tables([tree]) == EXPECTED_MD
 
 
+def test_show_sparsity_adds_each_models_exact_measured_sparsity(tree):
+    text = make_tables.make_tables([tree], show_sparsity=True)
+    assert "| 79.42 / 42.02 (99.00% sparse) |" in text  # global_keep 0.0100004: the column says 99%, the cell 99.00%
+    assert "| 82.00 / 47.00 (0.00% sparse) |" in text
+    assert "sparse" not in make_tables.make_tables([tree])
+
+
 def test_cli_writes_csv_and_latex(tree, tmp_path, capsys):
     out = str(tmp_path / "t.csv")
     assert make_tables.main([tree, "--format", "csv", "-o", out]) == 0
