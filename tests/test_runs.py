@@ -202,3 +202,16 @@ def test_original_harp_checkpoint_layout_loads_for_finetune_and_evaluation(tmp_p
     done = load_checkpoint(os.path.join(str(tmp_path), "small_cnn", "digits", "pgd", "from_original", "score_finetune",
                                         "checkpoint", "checkpoint.pth.tar"))
     assert done["sparsity"]["global_keep"] == pytest.approx(0.1, abs=0.002)  # score modes honour --k (the fix)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    real_schedule = train.lr_at_epoch
+    monkeypatch.setattr(train, "lr_at_epoch", lambda epoch, **kw: float("nan") if epoch >= 1 else real_schedule(epoch, **kw))
+    argv = ["--dataset", "digits", "--exp-mode", "pretrain", "--epochs", "3", "--result-dir", str(tmp_path), "--no-progress"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "training loss became nan in epoch 2" in err[-1] and "last good checkpoint is kept" in err[-1]
+    run_dir = os.path.join(str(tmp_path), "small_cnn", "digits", "pgd", "pretrain")
+    last = load_checkpoint(os.path.join(run_dir, "checkpoint", "checkpoint.pth.tar"))
+    assert last["epoch"] == 1 and not last["finished"] and len(metrics(run_dir)) == 1
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
