@@ -103,3 +103,9 @@ def test_test_only_flags_are_rejected_by_train():
     with pytest.raises(UserError, match="unrecognized arguments"):
         resolve("--attacks", "pgd10")
     assert resolve("--attacks", "pgd10", scope="test").attacks == "pgd10"
+
+
+def test_the_cli_offers_exactly_the_datasets_the_data_package_knows():
+    from configs.schema import DATASETS
+    from data import dataset_names
+    assert list(DATASETS) == dataset_names()
