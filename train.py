@@ -245,7 +245,7 @@ class Run:
             if self.cost_model is not None and cfg.soft_hw:
                 log.info("hardware target a_target = %.6f (%s), current soft a = %.6f", self.cost_model.target,
                          "keep fraction" if cfg.prune_reg == "weight" else "FLOPs ratio",
-                         float(self.cost_model.soft_cost(self.model).detach()))
+                         float(self.cost_model.soft_cost().detach()))
 
     def _load_source(self) -> None:
         cfg = self.cfg
@@ -329,7 +329,7 @@ class Run:
 
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         cfg = self.cfg
-        hw_loss = (lambda: self.cost_model.loss(self.model)) if cfg.soft_hw and self.cost_model is not None else None
+        hw_loss = self.cost_model.loss if cfg.soft_hw and self.cost_model is not None else None
         gamma = self.gamma.value(epoch) if hw_loss else 0.0
         common = dict(epoch=epoch, num_batches=self.data.num_batches("train", self.local_batch,
                                                                      world_size=self.ctx.world_size),
@@ -399,7 +399,7 @@ class Run:
                 record["per_layer_keep"] = {n: v["keep"] for n, v in report["per_layer"].items()}
                 if cfg.soft_hw:
                     with torch.no_grad():
-                        hw, cost = self.cost_model.loss(self.model)
+                        hw, cost = self.cost_model.loss()
                     hw = float(hw)
                     self.gamma.end_of_epoch(epoch, hw)
                     record.update(hw_loss=hw, soft_cost=float(cost), target_met=target_met(hw))

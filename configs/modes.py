@@ -42,7 +42,3 @@ def canonical_mode(name: str) -> str:
     if key not in MODES:
         raise UserError(f"unknown exp-mode {name!r}; choose one of: {', '.join(MODE_NAMES)}")
     return key
-
-
-def mode_spec(name: str) -> ModeSpec:
-    return MODES[canonical_mode(name)]

@@ -17,50 +17,64 @@ import torch.nn as nn
 
 from pruning.graph import LayerGraph
 from pruning.layers import WEIGHT
+from pruning.rates import keep_from_logit
 from pruning.wrap import masked_layers
 
 
 class CostModel:
+    """The soft cost a of a masked model and its hinge loss, evaluated once per optimizer step.
+
+    Holds the model's masked layers and every constant on the rates' device, so a step costs one stack of the
+    rate logits, a handful of vector ops and (channel) one gather: no module traversal, no host-to-device copy.
+    """
+
     def __init__(self, model: nn.Module, graph: LayerGraph, granularity: str, target_keep: float):
         self.granularity = granularity
-        self.names = [name for name, _ in masked_layers(model)]
+        named = masked_layers(model)
+        self.names = [name for name, _ in named]
+        self.layers = [layer for _, layer in named]
         missing = [n for n in self.names if n not in graph.layers]
         if missing:
             raise ValueError(f"layers never ran in the inspection pass: {missing}")
         info = [graph.layers[n] for n in self.names]
         index = {n: i for i, n in enumerate(self.names)}
-        self.consumers = [[index[c] for c in layer.consumers] for layer in info]
-        self.sizes = torch.tensor([layer.weight_count for layer in info], dtype=torch.float64)
-        self.flops = torch.tensor([layer.flops for layer in info], dtype=torch.float64)
+        # Index matrix of each layer's consumers into [keep rates..., 0.0, 1.0]: rows are padded with the 0.0
+        # slot (neutral for the max); a layer without consumers is a network output and gets the 1.0 slot.
+        zero, one = len(info), len(info) + 1
+        consumers = [[index[c] for c in layer.consumers] or [one] for layer in info]
+        widest = max(len(c) for c in consumers)
+        self._consumers = torch.tensor([c + [zero] * (widest - len(c)) for c in consumers])
+        weights = [layer.weight_count if granularity == WEIGHT else layer.flops for layer in info]
+        self._weights = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+        self._keep_min = torch.tensor([layer.keep_min for layer in self.layers], dtype=torch.float64)
+        self._on_device = {}
         self.target = target_keep if granularity == WEIGHT else float(
             self._flops_ratio(torch.full((len(info),), float(target_keep), dtype=torch.float64)))
 
-    def _flops_ratio(self, keep_in: torch.Tensor) -> torch.Tensor:
-        ones = keep_in.new_ones(())
-        keep_out = torch.stack([keep_in[c].max() if c else ones for c in self.consumers])
-        flops = self.flops.to(keep_in)
-        return (flops * keep_in * keep_out).sum() / flops.sum()
+    def _constants(self, like: torch.Tensor):
+        key = (like.device, like.dtype)
+        if key not in self._on_device:
+            self._on_device[key] = (self._weights.to(like), self._keep_min.to(like), self._consumers.to(like.device))
+        return self._on_device[key]
 
-    def soft_cost(self, model: nn.Module) -> torch.Tensor:
-        """The current a (differentiable): keep fraction (weight) or FLOPs ratio (channel)."""
-        rates = torch.stack([layer.keep_rate() for _, layer in masked_layers(model)])
+    def _flops_ratio(self, keep_in: torch.Tensor) -> torch.Tensor:
+        weights, _, consumers = self._constants(keep_in)
+        keep_out = torch.cat([keep_in, keep_in.new_tensor([0.0, 1.0])])[consumers].amax(dim=1)
+        return (weights * keep_in * keep_out).sum()
+
+    def soft_cost(self) -> torch.Tensor:
+        """The current a (differentiable in every rate logit): keep fraction (weight) or FLOPs ratio (channel)."""
+        logits = torch.stack([layer.k_score for layer in self.layers])
+        weights, keep_min, _ = self._constants(logits)
+        rates = keep_from_logit(logits, keep_min)
         if self.granularity == WEIGHT:
-            sizes = self.sizes.to(rates)
-            return (sizes * rates).sum() / sizes.sum()
+            return (weights * rates).sum()
         return self._flops_ratio(rates)
 
-    def loss(self, model: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    def loss(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(L_hw, a): the hinge loss and the current soft cost."""
-        cost = self.soft_cost(model)
+        cost = self.soft_cost()
         return torch.clamp(cost / self.target - 1.0, min=0.0), cost
-
-    def exact_flops_ratio(self, model: nn.Module) -> float:
-        """FLOPs ratio from the integer kept channel counts (channel granularity) or kept weights (weight)."""
-        kept = torch.tensor([layer.kept_count() / layer.weight.numel() for _, layer in masked_layers(model)],
-                            dtype=torch.float64)
-        if self.granularity == WEIGHT:
-            return float((self.flops * kept).sum() / self.flops.sum())
-        return float(self._flops_ratio(kept))
 
 
 @dataclass

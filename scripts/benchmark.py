@@ -178,7 +178,7 @@ def build(arch: str, dataset: str, batch_size: int, device: torch.device, *, bf1
         "pgd10_plain_frozen_w": _train_step(frozen_t, optimizers["frozen_w"], pgd_at, batch, device,
                                             attack_model=frozen_a, **common),
         "pgd10_harp_prune": _train_step(masked_t, optimizers["masked"], pgd_at, batch, device, attack_model=masked_a,
-                                        hw_loss=lambda: cost_model.loss(masked), gamma=GAMMA, **common),
+                                        hw_loss=cost_model.loss, gamma=GAMMA, **common),
         "finetune_train": _train_step(finetune_t, optimizers["finetune"], natural, batch, device,
                                       attack_model=finetune_a, **common),
     }

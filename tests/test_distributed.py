@@ -136,7 +136,7 @@ def train_steps(model, attack_model, cost, batches):
                                 weight_decay=5e-4)
     return train_one_epoch(model, attack_model, batches, optimizer, pgd_at, ObjectiveSettings(threat=THREAT),
                            epoch=0, num_batches=len(batches), device=torch.device("cpu"),
-                           hw_loss=lambda: cost.loss(attack_model), gamma=GAMMA, show_progress=False)
+                           hw_loss=cost.loss, gamma=GAMMA, show_progress=False)
 
 
 def _rank_worker(rank, world_size, init_file, out_path):

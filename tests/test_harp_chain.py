@@ -77,7 +77,7 @@ def test_channel_granularity_end_to_end(arch, size, ties):
     set_trainable(model, weights=False, scores=True, rates=True, norm_layers=True)
     cost = CostModel(model, graph, "channel", 0.1)
     x, y = torch.rand(2, 3, size, size), torch.tensor([1, 2])
-    hw, soft = cost.loss(model)
+    hw, soft = cost.loss()
     (F.cross_entropy(model(x), y) + 0.1 * hw).backward()
     assert float(hw.detach()) > 0 and all(l.k_score.grad is not None for _, l in masked_layers(model))
     model.eval()

@@ -238,7 +238,7 @@ def test_weight_cost_is_the_parameter_weighted_keep_rate():
     cost = CostModel(model, inspect_layers(model, torch.zeros(1, 3, 32, 32)), "weight", 0.01)
     layers = dict(masked_layers(model))
     expected = sum(layers[n].weight.numel() * r for n, r in rates.items()) / 15_302_848
-    loss, a = cost.loss(model)
+    loss, a = cost.loss()
     assert float(a.detach()) == pytest.approx(expected, rel=1e-5)
     assert float(loss.detach()) == pytest.approx(expected / 0.01 - 1, rel=1e-5)
     loss.backward()  # pushes every rate down
@@ -258,7 +258,7 @@ def test_channel_flops_model(arch, dense_flops, tolerance):
         assert CostModel(model, graph, "channel", k).target == pytest.approx(target, rel=0.03)
     cost = CostModel(model, graph, "channel", 0.1)
     set_keep_rates(model, {name: 1.0 for name, _ in masked_layers(model)})
-    assert float(cost.soft_cost(model).detach()) == pytest.approx(0.99 ** 2, rel=0.02)
+    assert float(cost.soft_cost().detach()) == pytest.approx(0.99 ** 2, rel=0.02)
 
 
 def test_gamma_grows_until_the_target_is_met_then_freezes():

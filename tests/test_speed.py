@@ -61,7 +61,7 @@ def batches(n, batch_size=8, seed=0):
 
 def step(model, data, optimizer, cost=None):
     return train_one_epoch(model, model, data, optimizer, pgd_at, SETTINGS, epoch=0, num_batches=len(data),
-                           device=CPU, hw_loss=(lambda: cost.loss(model)) if cost else None, gamma=1.0,
+                           device=CPU, hw_loss=cost.loss if cost else None, gamma=1.0,
                            show_progress=False)
 
 
