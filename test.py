@@ -4,7 +4,7 @@
 
 finds the run's best checkpoint (the same run directory train.py used), rebuilds the model from the config
 stored in it, and evaluates it on the whole test set (or the first --n-examples) under --attacks:
-natural, fgsm, pgd10, pgd20, pgd50, cw, apgd and autoattack (DESIGN.md §5; trainers/suite.py). Results go to
+natural, fgsm, pgd10, pgd20, pgd50, cw, apgd and autoattack (DESIGN.md §5; trainers/evaluation/). Results go to
 <run dir>/eval/<checkpoint stem>_<attack preset>.json and, with --results-file, to a chosen path too.
 
 Also evaluates checkpoints of the original HARP/Hydra code (--source-net PATH: a state_dict with popup_scores
@@ -13,27 +13,25 @@ describe it) and dense exports (*_dense.pth.tar, or any state_dict without score
 """
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-import torch
-
 from configs.cli import preset_path, resolve_config
 from configs.errors import UserError
-from configs.modes import MODES
+from configs.recipes import RECIPES, mode_of_foreign_checkpoint
 from configs.schema import config_to_dict
-from data import build_data
-from pruning.init import set_keep_rates
-from pruning.wrap import RATE_KEY, SCORE_KEY, freeze_masks, masked_layers
-from train import build_model, load_weights
-from trainers.suite import EvalSettings, model_sparsity, parse_attacks, run_suite
+from pruning.loading import describe_state
+from pruning.wrap import freeze_masks, model_sparsity
+from stage import build_model, fit_checkpoint, load_data, option_choices
+from trainers.evaluation.registry import EvalSettings, parse_attacks
+from trainers.evaluation.suite import run_suite
+from trainers.threat import LINF, threat_from_config
 from utils.checkpoint import load_checkpoint, state_dict_of
 from utils.device import resolve_device
-from utils.logging import setup_logging
-from utils.run_dir import checkpoint_path, run_dir
+from utils.logging import setup_logging, write_json
+from utils.run_dir import checkpoint_stem, eval_dir_for, evaluated_checkpoint
 from utils.versions import versions
 
 log = logging.getLogger("test")
@@ -44,7 +42,6 @@ MODEL_KEYS = ("arch", "dataset", "num_classes", "normalize", "mean", "std", "ini
               "exp_mode", "stg_id", "image_dim", "trainer", "adv_loss", "exp_name")
 # Given explicitly, these must agree with the stored config (k, alpha and prune_reg only for masked modes).
 CHECKED_KEYS = ("arch", "dataset", "exp_mode", "prune_reg", "k", "alpha")
-_CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar", ".ckpt")
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -82,7 +79,7 @@ def adopt_checkpoint_config(argv: List[str], cfg, sources, ckpt: Dict, path: str
     stored = ckpt.get("config")
     if not isinstance(stored, dict):
         return cfg, sources
-    masked = MODES.get(stored.get("exp_mode"), MODES["pretrain"]).masked
+    masked = RECIPES.get(stored.get("exp_mode"), RECIPES["pretrain"]).masked
     for key in CHECKED_KEYS:
         if key in ("prune_reg", "k", "alpha") and not masked:
             continue
@@ -90,75 +87,27 @@ def adopt_checkpoint_config(argv: List[str], cfg, sources, ckpt: Dict, path: str
             raise UserError(f"checkpoint {path} was trained with {key} {stored[key]!r}, not {getattr(cfg, key)!r} "
                             f"(drop --{key.replace('_', '-')} to use the checkpoint's own)")
     if stored.get("dataset") and stored["dataset"] != cfg.dataset:
-        cfg, sources = resolve_config(argv + ["--dataset", stored["dataset"]], "test", "test.py")
+        cfg, sources = resolve_config(argv + ["--dataset", stored["dataset"]], "test", "test.py",
+                                      choices=option_choices())
     changes = {k: stored[k] for k in MODEL_KEYS if k in stored and k in cfg.__dataclass_fields__}
     return dataclasses.replace(cfg, **changes), sources
 
 
-def locate_checkpoint(cfg) -> str:
-    if cfg.source_net:
-        if not os.path.isfile(cfg.source_net):
-            raise UserError(f"checkpoint {cfg.source_net} (--source-net) does not exist")
-        return cfg.source_net
-    directory = run_dir(cfg)
-    path = checkpoint_path(directory, cfg.checkpoint)
-    if not os.path.isfile(path):
-        others = [w for w in ("best", "last", "best_dense", "last_dense")
-                  if w != cfg.checkpoint and os.path.isfile(checkpoint_path(directory, w))]
-        hint = (f"; this run has --checkpoint {', '.join(others)}" if others else
-                f"; train it first (python train.py with the same flags and --exp-mode {cfg.exp_mode}) "
-                "or pass --source-net PATH")
-        raise UserError(f"checkpoint {path} does not exist{hint}")
-    return path
-
-
-def eval_dir_for(path: str) -> str:
-    """<run dir>/eval for a checkpoint in <run dir>/checkpoint/, else an eval/ folder beside the file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.basename(folder) == "checkpoint":
-        folder = os.path.dirname(folder)
-    return os.path.join(folder, "eval")
-
-
-def checkpoint_stem(path: str) -> str:
-    name = os.path.basename(path)
-    for suffix in _CHECKPOINT_SUFFIXES:
-        if name.endswith(suffix):
-            return name[:-len(suffix)]
-    return name
-
-
 # ----------------------------------------------------------------------------------------------- model
-def _leaf(key: str) -> str:
-    return key.rpartition(".")[2]
-
-
-def describe_state(state: Dict[str, torch.Tensor]) -> Tuple[bool, bool, Optional[str]]:
-    """(has scores, has rate logits, granularity implied by the score shapes)."""
-    scores = [k for k in state if _leaf(k) == SCORE_KEY]
-    rates = any(_leaf(k) == RATE_KEY for k in state)
-    granularity = None
-    if scores:
-        weights = [k.rpartition(".")[0] + ".weight" for k in scores]
-        same = all(w in state and state[w].shape == state[s].shape for w, s in zip(weights, scores))
-        granularity = "weight" if same else "channel"
-    return bool(scores), rates, granularity
-
-
 def prepare_foreign(cfg, sources, state, path):
     """A checkpoint without a stored config (original HARP/Hydra code, a bare state_dict): the flags describe it;
     the granularity and a missing --exp-mode are inferred from the scores."""
-    has_scores, has_rates, granularity = describe_state(state)
+    contents = describe_state(state)
     changes = {}
-    if has_scores:
-        if granularity != cfg.prune_reg:
+    if contents.has_scores:
+        if contents.granularity != cfg.prune_reg:
             if _explicit(sources, cfg, "prune_reg"):
-                raise UserError(f"checkpoint {path} holds {granularity}-granularity scores, not --prune-reg "
+                raise UserError(f"checkpoint {path} holds {contents.granularity}-granularity scores, not --prune-reg "
                                 f"{cfg.prune_reg}")
-            changes["prune_reg"] = granularity
-            log.info("scores in %s have %s granularity", path, granularity)
-        if not MODES[cfg.exp_mode].masked:
-            mode = "harp_finetune" if has_rates else "score_finetune"
+            changes["prune_reg"] = contents.granularity
+            log.info("scores in %s have %s granularity", path, contents.granularity)
+        if not RECIPES[cfg.exp_mode].masked:
+            mode = mode_of_foreign_checkpoint(contents.has_rates)
             if _explicit(sources, cfg, "exp_mode"):
                 raise UserError(f"checkpoint {path} holds pruning scores; --exp-mode {cfg.exp_mode} describes a dense "
                                 f"model (use e.g. --exp-mode {mode})")
@@ -167,37 +116,18 @@ def prepare_foreign(cfg, sources, state, path):
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-def build_and_load(cfg, info, state, path, device):
-    """The evaluated model (fp32, masks frozen) and what kind of checkpoint it came from."""
-    has_scores, has_rates, _ = describe_state(state)
-    if has_rates and not has_scores:
-        # The original HARP code's dense export keeps each layer's k_score next to the masked weights.
-        state = {k: v for k, v in state.items() if _leaf(k) != RATE_KEY}
-        log.info("%s: dense weights with leftover k_score entries (original HARP export); k_score ignored", path)
-    build_cfg = cfg if has_scores else dataclasses.replace(cfg, exp_mode="pretrain")
-    model = build_model(build_cfg, info, device).float()
-    load_weights(model, state, path, drop_pruning_state=False)
-    if has_scores:
-        if not has_rates:
-            # Hydra's layers have no rate logit: every layer keeps the uniform fraction k.
-            set_keep_rates(model, {name: cfg.k for name, _ in masked_layers(model)})
-            log.info("no k_score in %s (Hydra layout): every layer keeps k = %g", path, cfg.k)
+def build_and_load(cfg, info, ckpt, path, device):
+    """The evaluated model (fp32, masks frozen): masked when the checkpoint carries scores, else plain."""
+    masked = describe_state(state_dict_of(ckpt, path)).has_scores
+    model = build_model(cfg, info, device, masked=masked).float()
+    fit_checkpoint(model, ckpt, path, keep_pruning_state=True, k=cfg.k)
+    if masked:
         freeze_masks(model)
     model.eval()
     return model
 
 
 # ----------------------------------------------------------------------------------------------- output
-def write_json(obj: Dict, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
 def summary_lines(result: Dict) -> List[str]:
     lines = [f"{'attack':<12} {'eps':>8} {'accuracy %':>11}  {'± se':>5}" +
              ("  balanced %" if "natural_balanced_acc" in result else "")]
@@ -224,10 +154,10 @@ def summary_lines(result: Dict) -> List[str]:
 # ----------------------------------------------------------------------------------------------- main
 def evaluate_checkpoint(argv: List[str]) -> Tuple[Dict, str]:
     """Run the whole evaluation; returns the result dict and the path of its JSON."""
-    cfg, sources = resolve_config(argv, "test", "test.py")
+    cfg, sources = resolve_config(argv, "test", "test.py", choices=option_choices())
     attacks = parse_attacks(cfg.attacks)
     epsilons = parse_epsilons(cfg.epsilons)
-    path = locate_checkpoint(cfg)
+    path = evaluated_checkpoint(cfg)
     device = resolve_device(cfg.device, cfg.gpu, cfg.no_cuda)
     ckpt = load_checkpoint(path, map_location=device)
     state = state_dict_of(ckpt, path)
@@ -238,16 +168,15 @@ def evaluate_checkpoint(argv: List[str]) -> Tuple[Dict, str]:
         cfg = prepare_foreign(cfg, sources, state, path)
     out_dir = eval_dir_for(path)
     setup_logging(os.path.join(out_dir, "test.log"))
-    has_scores, _, _ = describe_state(state)
+    has_scores = describe_state(state).has_scores
     kind = ("toolkit" if own else "external") + (" (masked)" if has_scores else " (plain weights)")
     epoch = ckpt.get("epoch")
     log.info("loaded checkpoint %s%s: %s", path, f" (epoch {epoch})" if epoch is not None else "", kind)
 
-    data = build_data(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, seed=cfg.seed,
-                      image_dim=cfg.image_dim, workers=cfg.workers).to(device)
+    data = load_data(cfg, device)
     info = data.info
     cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or info.num_classes)
-    model = build_and_load(cfg, info, state, path, device)
+    model = build_and_load(cfg, info, ckpt, path, device)
     sparsity = model_sparsity(model)
     log.info("%s %s, %s: kept %d of %d prunable weights (%.4f%%, sparsity %.4f%%)", cfg.arch, cfg.exp_mode,
              sparsity["counted"], sparsity["kept"], sparsity["total"], 100 * sparsity["global_keep"],
@@ -255,11 +184,10 @@ def evaluate_checkpoint(argv: List[str]) -> Tuple[Dict, str]:
     if has_scores:
         log.info("per-layer keep: %s", ", ".join(f"{n}={v['keep']:.4f}" for n, v in sparsity["per_layer"].items()))
 
-    norm = "linf" if cfg.distance == "l_inf" else "l2"
-    step_size = cfg.step_size
-    if norm == "l2":
+    threat = threat_from_config(cfg)
+    if threat.norm != LINF:
         if not _explicit(sources, cfg, "step_size"):
-            step_size = cfg.epsilon / 4
+            threat = threat.with_(step_size=cfg.epsilon / 4)
         if not _explicit(sources, cfg, "epsilon"):
             log.warning("--distance l_2 with eps %g from %s, which is a Linf budget; pass --epsilon "
                         "(0.5 is the usual L2 budget on CIFAR-10)", cfg.epsilon, os.path.relpath(preset_path(cfg.dataset)))
@@ -268,12 +196,10 @@ def evaluate_checkpoint(argv: List[str]) -> Tuple[Dict, str]:
     n = data.test_count(cfg.n_examples)
     if cfg.n_examples and cfg.n_examples > n:
         log.warning("--n-examples %d: the test set has only %d examples", cfg.n_examples, n)
-    settings = EvalSettings(eps=cfg.epsilon, norm=norm, step_size=step_size, clip_min=cfg.clip_min,
-                            clip_max=cfg.clip_max, seed=cfg.seed, num_classes=cfg.num_classes,
-                            preset=cfg.attack_preset, aa_batch_size=aa_batch, balanced=cfg.dataset == "SVHN",
-                            show_progress=not cfg.no_progress)
+    settings = EvalSettings(threat=threat, seed=cfg.seed, num_classes=cfg.num_classes, preset=cfg.attack_preset,
+                            aa_batch_size=aa_batch, balanced=cfg.dataset == "SVHN", show_progress=not cfg.no_progress)
     log.info("evaluating %d examples of %s: %s (eps %g, %s, step %g, seed %d, preset %s)", n, cfg.dataset,
-             ", ".join(attacks), cfg.epsilon, norm, step_size, cfg.seed, cfg.attack_preset)
+             ", ".join(attacks), threat.eps, threat.norm, threat.step_size, cfg.seed, cfg.attack_preset)
     suite = run_suite(model, lambda: data.test_batches(batch, limit=cfg.n_examples), attacks, settings,
                       num_batches=data.num_batches("test", batch, limit=cfg.n_examples), epsilons=epsilons,
                       curve_steps=cfg.num_steps)
@@ -283,7 +209,8 @@ def evaluate_checkpoint(argv: List[str]) -> Tuple[Dict, str]:
         "arch": cfg.arch, "dataset": cfg.dataset, "exp_mode": cfg.exp_mode, "k": cfg.k, "prune_reg": cfg.prune_reg,
         "stg_id": cfg.stg_id, "alpha": cfg.alpha, "normalize": cfg.normalize, "num_classes": cfg.num_classes,
         "checkpoint": path, "checkpoint_kind": kind, "epoch": epoch,
-        "preset": cfg.attack_preset, "seed": cfg.seed, "norm": norm, "epsilon": cfg.epsilon, "step_size": step_size,
+        "preset": cfg.attack_preset, "seed": cfg.seed, "norm": threat.norm, "epsilon": threat.eps,
+        "step_size": threat.step_size,
         "n_examples": suite["n"],
         "natural_acc": suite["natural_acc"], "natural_stderr": suite["natural_stderr"],
     }
@@ -303,10 +230,10 @@ def evaluate_checkpoint(argv: List[str]) -> Tuple[Dict, str]:
     for line in summary_lines(result):
         log.info(line)
     target = os.path.join(out_dir, f"{checkpoint_stem(path)}_{cfg.attack_preset}.json")
-    write_json(result, target)
+    write_json(target, result)
     log.info("results: %s", target)
     if cfg.results_file:
-        write_json(result, cfg.results_file)
+        write_json(cfg.results_file, result)
         log.info("results: %s", cfg.results_file)
     return result, target
 

@@ -7,22 +7,26 @@ Precedence, lowest first (DESIGN.md §2):
   3. the user's --configs FILE, in the same order,
   4. flags given on the command line.
 Nothing later in the code overrides a value set here; options left unset that depend on the mode
-(the tri-state ones) are filled from the mode table.
+(the tri-state ones) are filled from the mode's recipe (configs/recipes.py).
+
+Options backed by a registry of a higher layer (attacks, training objectives: schema.REGISTRY_CHOICES) get their
+choices from the entry point (`choices=`), so a new attack or objective needs no edit here.
 """
 import argparse
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
 from configs.errors import UserError
-from configs.modes import MODES, canonical_mode
+from configs.recipes import (RATES_STRATEGY, RECIPES, SCORES_MAGNITUDE, STAGES, Recipe, canonical_mode,
+                             mode_names)
 from configs.schema import (DATASETS, FLAG, FLOATS, OPTION_BY_NAME, OPTIONS, TRISTATE, Config, coerce_value,
                             match_choice)
 
 PRESET_DIR = os.path.dirname(os.path.abspath(__file__))
 SECTION_KEYS = ("per_mode", "per_loss")
-STAGES = ("pretrain", "prune", "finetune")
+Choices = Optional[Mapping[str, Sequence[str]]]
 
 _GROUP_TITLES = {
     "experiment": "experiment and stage chaining",
@@ -40,12 +44,19 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def with_modes(choices: Choices) -> Dict[str, Sequence[str]]:
+    """The registry-backed choices plus the registered exp-modes."""
+    return {**(choices or {}), "exp_mode": mode_names()}
+
+
 def preset_path(dataset: str) -> str:
     return os.path.join(PRESET_DIR, f"config-{dataset.lower()}.yml")
 
 
-def build_parser(prog: str, scope: str, description: str = "") -> argparse.ArgumentParser:
-    """Flags for every option in `scope` ('train' or 'test'); only flags actually given are returned."""
+def build_parser(prog: str, scope: str, description: str = "", choices: Choices = None) -> argparse.ArgumentParser:
+    """Flags for every option in `scope` ('train' or 'test'); only flags actually given are returned.
+    `choices`: names of the registry-backed options, shown in their help."""
+    choices = with_modes(choices)
     parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     groups = {}
     for opt in OPTIONS:
@@ -57,8 +68,9 @@ def build_parser(prog: str, scope: str, description: str = "") -> argparse.Argum
         primary = "--" + opt.name.replace("_", "-")
         alias = "--" + opt.name if "_" in opt.name else None
         help_text = opt.help.replace("%", "%%")  # argparse formats help strings with %
-        if opt.choices:
-            help_text += f" {{{', '.join(opt.choices)}}}"
+        listed = opt.choices or (choices or {}).get(opt.name)
+        if listed:
+            help_text += f" {{{', '.join(listed)}}}"
         if opt.default is not None and opt.kind not in (FLAG, TRISTATE):
             help_text += f" (default: {opt.default})"
         if opt.kind in (FLAG, TRISTATE):
@@ -80,7 +92,7 @@ def build_parser(prog: str, scope: str, description: str = "") -> argparse.Argum
     return parser
 
 
-def load_yaml_config(path: str, what: str) -> Dict[str, Any]:
+def load_yaml_config(path: str, what: str, choices: Choices = None) -> Dict[str, Any]:
     """Read a config file with safe_load; unknown keys and sections are errors."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist")
@@ -94,18 +106,18 @@ def load_yaml_config(path: str, what: str) -> Dict[str, Any]:
         raise UserError(f"{what} {path} must be a mapping of option: value")
     for key, value in data.items():
         if key in SECTION_KEYS:
-            _check_section(path, key, value)
+            _check_section(path, key, value, choices)
         elif key not in OPTION_BY_NAME:
             raise UserError(f"unknown key {key!r} in {path}")
     return data
 
 
-def _check_section(path: str, section: str, value: Any) -> None:
+def _check_section(path: str, section: str, value: Any, choices: Choices) -> None:
     if not isinstance(value, dict):
         raise UserError(f"section {section!r} in {path} must be a mapping")
-    allowed = STAGES + tuple(MODES) if section == "per_mode" else OPTION_BY_NAME["adv_loss"].choices
+    allowed = STAGES + tuple(RECIPES) if section == "per_mode" else (choices or {}).get("adv_loss")
     for sub, entries in value.items():
-        if sub not in allowed:
+        if allowed is not None and sub not in allowed:
             raise UserError(f"unknown {section} entry {sub!r} in {path}; allowed: {', '.join(allowed)}")
         if not isinstance(entries, dict):
             raise UserError(f"{section}.{sub} in {path} must be a mapping of option: value")
@@ -119,19 +131,21 @@ def _layers(data: Dict[str, Any], mode: str, adv_loss: str, name: str) -> List[T
     base = {k: v for k, v in data.items() if k not in SECTION_KEYS}
     per_mode = data.get("per_mode", {})
     per_loss = data.get("per_loss", {})
+    stage = RECIPES[mode].stage
     return [
         (name, base),
-        (f"{name} per_mode.{MODES[mode].stage}", per_mode.get(MODES[mode].stage, {})),
+        (f"{name} per_mode.{stage}", per_mode.get(stage, {})),
         (f"{name} per_mode.{mode}", per_mode.get(mode, {})),
         (f"{name} per_loss.{adv_loss}", per_loss.get(adv_loss, {})),
     ]
 
 
-def resolve_config(argv: Sequence[str], scope: str, prog: str) -> Tuple[Config, Dict[str, str]]:
+def resolve_config(argv: Sequence[str], scope: str, prog: str, choices: Choices = None) -> Tuple[Config, Dict[str, str]]:
     """Parse `argv` and merge it with the presets; returns the Config and where each value came from."""
-    cli = {k: v for k, v in vars(build_parser(prog, scope).parse_args(list(argv))).items()}
-    cli = {k: coerce_value(k, v, "the command line") for k, v in cli.items()}
-    user = load_yaml_config(cli["configs"], "config file") if cli.get("configs") else {}
+    choices = with_modes(choices)
+    cli = {k: v for k, v in vars(build_parser(prog, scope, choices=choices).parse_args(list(argv))).items()}
+    cli = {k: coerce_value(k, v, "the command line", choices) for k, v in cli.items()}
+    user = load_yaml_config(cli["configs"], "config file", choices) if cli.get("configs") else {}
 
     def first_set(name: str, *layers: Dict[str, Any]):
         for layer in layers:
@@ -140,9 +154,12 @@ def resolve_config(argv: Sequence[str], scope: str, prog: str) -> Tuple[Config, 
         return OPTION_BY_NAME[name].default
 
     dataset = match_choice("dataset", str(first_set("dataset", cli, user)), DATASETS, "the dataset choice")
-    preset = load_yaml_config(preset_path(dataset), "dataset preset")
+    preset = load_yaml_config(preset_path(dataset), "dataset preset", choices)
     mode = canonical_mode(str(first_set("exp_mode", cli, user, preset)))
-    adv_loss = coerce_value("adv_loss", first_set("adv_loss", cli, user, preset), "the loss choice")
+    for option, value, other_mode in RECIPES[mode].becomes:
+        if coerce_value(option, first_set(option, cli, user), "the mode choice") == value:
+            mode = other_mode
+    adv_loss = coerce_value("adv_loss", first_set("adv_loss", cli, user, preset), "the loss choice", choices)
 
     values = {o.name: o.default for o in OPTIONS}
     sources = {o.name: "default" for o in OPTIONS}
@@ -152,7 +169,7 @@ def resolve_config(argv: Sequence[str], scope: str, prog: str) -> Tuple[Config, 
     layers.append(("command line", cli))
     for source, entries in layers:
         for key, value in entries.items():
-            values[key] = coerce_value(key, value, source)
+            values[key] = coerce_value(key, value, source, choices)
             sources[key] = source
     values["dataset"], values["exp_mode"], values["adv_loss"] = dataset, mode, adv_loss
     _fill_mode_defaults(values, sources)
@@ -160,14 +177,16 @@ def resolve_config(argv: Sequence[str], scope: str, prog: str) -> Tuple[Config, 
     return Config(**values), sources
 
 
+def recipe_defaults(spec: Recipe) -> Dict[str, bool]:
+    """The tri-state options a recipe decides unless the user does."""
+    return {"soft_hw": "hardware" in spec.regularizers,
+            "scaled_score_init": spec.score_init == SCORES_MAGNITUDE,
+            "rate_stg_init": spec.rate_init == RATES_STRATEGY}
+
+
 def _fill_mode_defaults(values: Dict[str, Any], sources: Dict[str, str]) -> None:
-    spec = MODES[values["exp_mode"]]
-    derived = {
-        "soft_hw": spec.hw_loss,
-        "scaled_score_init": spec.stage == "prune",
-        "rate_stg_init": spec.rates_from_strategy and spec.stage == "prune",
-    }
-    for key, value in derived.items():
+    spec = RECIPES[values["exp_mode"]]
+    for key, value in recipe_defaults(spec).items():
         if values[key] is None:
             values[key] = value
             sources[key] = f"mode {spec.name}"
@@ -183,7 +202,7 @@ def _check_consistency(values: Dict[str, Any], sources: Dict[str, str]) -> None:
         if values[name] is not None:
             raise UserError(f"--{name} is not supported: per-layer start rates come from --stg_id "
                             "(strategies/ or a computed <density>_<uni|erk|lamp>)")
-    if values["layer_type"] == "dense" and MODES[values["exp_mode"]].masked:
+    if values["layer_type"] == "dense" and RECIPES[values["exp_mode"]].masked:
         raise UserError(f"--layer-type dense cannot run {values['exp_mode']}: it needs masked layers")
     if values["clip_min"] >= values["clip_max"]:
         raise UserError(f"clip_min ({values['clip_min']}) must be below clip_max ({values['clip_max']})")

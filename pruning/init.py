@@ -9,6 +9,10 @@ from configs.errors import UserError
 from pruning.layers import WEIGHT
 from pruning.rates import logit_from_keep
 from pruning.wrap import masked_layers
+from utils.registry import Registry
+
+# Score initialisations a recipe can name (`Recipe.score_init`): name -> fn(model). A plug-in adds its own.
+SCORE_INITS = Registry("score initialisation")
 
 
 def init_scores_from_weights(model: nn.Module) -> None:
@@ -72,3 +76,6 @@ def tie_rates(model: nn.Module, groups: List[List[str]]) -> Dict[str, str]:
             layers[follower_name].k_score = owner.k_score
             ties[follower_name] = group[0]
     return ties
+
+
+SCORE_INITS.add("magnitude", init_scores_from_weights)

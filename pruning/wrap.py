@@ -33,6 +33,28 @@ def freeze_masks(model: nn.Module) -> None:
         layer.freeze_mask()
 
 
+def model_sparsity(model: nn.Module) -> Dict:
+    """Exact integer kept/total counts of the prunable (conv and linear) weights, of any model.
+
+    A masked model reports its masks (`sparsity_report`). A plain model, e.g. a dense export with the masks folded
+    in, reports its non-zero weights; then 'rate' equals 'keep'. 'counted' says which; 'sparsity' = 1 - global_keep.
+    """
+    if masked_layers(model):
+        report = sparsity_report(model)
+        report["counted"] = "masks"
+    else:
+        per_layer, kept_total, total = {}, 0, 0
+        for name, layer in prunable_layers(model):
+            kept, n = int(torch.count_nonzero(layer.weight.detach())), layer.weight.numel()
+            per_layer[name] = {"kept": kept, "total": n, "keep": kept / n, "rate": kept / n}
+            kept_total += kept
+            total += n
+        report = {"global_keep": kept_total / total if total else 1.0, "kept": kept_total, "total": total,
+                  "per_layer": per_layer, "counted": "non-zero weights"}
+    report["sparsity"] = 1.0 - report["global_keep"]
+    return report
+
+
 def sparsity_report(model: nn.Module) -> Dict:
     """Exact kept/total weight counts per masked layer and globally, plus each layer's soft rate k_l."""
     per_layer, kept_total, total = {}, 0, 0

@@ -3,11 +3,11 @@
     python scripts/benchmark.py --device cpu --arch vgg16_bn --batch-size 32 --out bench.json
     python scripts/benchmark.py --device cuda --arch resnet18 --batch-size 512 --bf16 --channels-last
 
-Every configuration runs the code users run: one step is `trainers.engine.train_one_epoch` over a single
-batch (objective, hardware loss, zero_grad, backward, optimizer step), with `trainers.objectives.pgd_at`
-under ThreatModel(eps=0.031, step_size=0.0078, steps=10) or `trainers.objectives.natural`; models are set up
-exactly as train.py sets up each stage (pruning.wrap.sparsify, init_scores_from_weights, set_keep_rates,
-set_trainable, CostModel over pruning.graph.inspect_layers, freeze_masks, dense_state_dict).
+Every configuration runs the code users run: one step is the stage's training loop (trainers.training) over a
+single batch (objective, regularizers, zero_grad, backward, optimizer step), PGD-AT under
+ThreatModel(eps=0.031, step_size=0.0078, steps=10) or natural training; models are built by stage.py exactly as
+train.py builds each stage (build_model, init_pruning_state, set_up_training with the recipe's trainable
+parameters, hardware loss and frozen masks; pruning.wrap.dense_state_dict for the export).
 
 Configurations (the same random batch for all of them):
   plain_train          plain nn layers, everything trainable, natural objective       (pretrain, no attack)
@@ -35,6 +35,7 @@ over the rounds. CUDA is synchronised before every clock reading.
 """
 import argparse
 import copy
+from dataclasses import replace
 import json
 import os
 import platform
@@ -50,22 +51,26 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from configs.recipes import RECIPES  # noqa: E402
+from configs.schema import Config  # noqa: E402
 from data.info import dataset_info, dataset_names  # noqa: E402
-from models import create_model, list_models  # noqa: E402
-from pruning.budget import CostModel  # noqa: E402
+from models import list_models  # noqa: E402
 from pruning.graph import inspect_layers  # noqa: E402
-from pruning.init import init_scores_from_weights, set_keep_rates  # noqa: E402
+from pruning.loading import load_weights  # noqa: E402
 from pruning.trainable import set_trainable  # noqa: E402
-from pruning.wrap import dense_state_dict, freeze_masks, masked_layers, sparsify  # noqa: E402
-from trainers.attacks import ThreatModel  # noqa: E402
-from trainers.engine import train_one_epoch  # noqa: E402
-from trainers.objectives import ObjectiveSettings, natural, pgd_at  # noqa: E402
+from pruning.wrap import dense_state_dict  # noqa: E402
+from stage import build_model, init_pruning_state, inspect_masked, make_optimizer, set_up_training  # noqa: E402
+from trainers.threat import ThreatModel  # noqa: E402
+from trainers.training import TRAINERS  # noqa: E402
 
 THREAT = ThreatModel(eps=0.031, step_size=0.0078, steps=10)
+# Switches that make each stage's config train as the configuration above describes.
+RECIPE_SWITCHES = {"pretrain": dict(trainer="adv", adv_loss="pgd"),
+                   "harp_prune": dict(trainer="adv", adv_loss="pgd", scaled_score_init=True, rate_stg_init=True,
+                                      soft_hw=True),
+                   "harp_finetune": dict(trainer="base", adv_loss="nat")}
 # The CPU thresholds of DESIGN.md §7 (R2's is for batch 32); reported next to the values, never enforced here.
 THRESHOLDS = {"R1": 8.0, "R2": 1.20, "R3": 1.05, "R4": 1.02}
-TRAIN_CONFIGS = ("plain_train", "pgd10_at", "pgd10_plain_frozen_w", "pgd10_harp_prune", "finetune_train")
-FORWARD_CONFIGS = ("forward_plain", "forward_dense_export")
 # harp_prune as the CIFAR seed command configures it: k 0.01, alpha 0.1, start rates 010_uni, gamma 0.01.
 K, ALPHA, START_KEEP, GAMMA = 0.01, 0.1, 0.10, 0.01
 LR, MOMENTUM, WD = 0.01, 0.9, 5e-4
@@ -104,21 +109,15 @@ def matmul_tflops(device: torch.device, n: int = 8192, iters: int = 10) -> float
     return 2.0 * n ** 3 * iters / seconds / 1e12
 
 
-def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM,
-                           weight_decay=WD)
-
-
-def _train_step(model: nn.Module, optimizer, objective, batch, device, *, bf16: bool, channels_last: bool,
-                hw_loss=None, gamma: float = 0.0, attack_model: Optional[nn.Module] = None) -> Callable[[], None]:
-    """One optimizer step exactly as train.py runs it: train_one_epoch over a one-batch epoch."""
-    settings = ObjectiveSettings(threat=THREAT)
+def _train_step(loop, model: nn.Module, optimizer, batch, device, *, bf16: bool, channels_last: bool,
+                regularizers=(), attack_model: Optional[nn.Module] = None) -> Callable[[], None]:
+    """One optimizer step exactly as train.py runs it: the stage's loop over a one-batch epoch."""
     attack_model = model if attack_model is None else attack_model
 
     def step():
-        train_one_epoch(model, attack_model, [batch], optimizer, objective, settings, epoch=0, num_batches=1,
-                        device=device, hw_loss=hw_loss, gamma=gamma, bf16=bf16, channels_last=channels_last,
-                        print_freq=10 ** 9, show_progress=False)
+        loop.train_epoch(model, attack_model, [batch], optimizer, epoch=0, num_batches=1, device=device,
+                         regularizers=list(regularizers), bf16=bf16, channels_last=channels_last,
+                         print_freq=10 ** 9, show_progress=False)
     return step
 
 
@@ -140,56 +139,64 @@ def build(arch: str, dataset: str, batch_size: int, device: torch.device, *, bf1
     batch = (x, y)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    plain = create_model(arch, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
+    # The stages' configs: harp_prune as the CIFAR seed command configures it, its finetune, and pretrain.
+    common = dict(arch=arch, dataset=info.name, num_classes=info.num_classes, k=K, alpha=ALPHA, stg_id="010_uni",
+                  gamma=GAMMA, lr=LR, momentum=MOMENTUM, wd=WD, seed=seed, epsilon=THREAT.eps,
+                  step_size=THREAT.step_size, num_steps=THREAT.steps)
+    configs = {mode: Config(exp_mode=mode, **common, **RECIPE_SWITCHES[mode]) for mode in RECIPE_SWITCHES}
+    plain = build_model(configs["pretrain"], info, device, masked=False)
     frozen_w = copy.deepcopy(plain)     # plain layers, weights frozen: R2's denominator
-    masked = copy.deepcopy(plain)       # harp_prune: R2's numerator
     example = torch.zeros(1, *shape, device=device)
     forward_flops = sum(layer.flops for layer in inspect_layers(plain, example).layers.values())
-
-    # harp_prune, as train.py sets it up (build_model, CostModel, init_pruning_state, set_trainable)
-    sparsify(masked, "weight", keep_min=ALPHA * K)
-    cost_model = CostModel(masked, inspect_layers(masked, example), "weight", K)
-    init_scores_from_weights(masked)
-    set_keep_rates(masked, {name: START_KEEP for name, _ in masked_layers(masked)})
-    set_trainable(masked, weights=False, scores=True, rates=True, norm_layers=True)
+    pretrain = set_up_training(configs["pretrain"], RECIPES["pretrain"], plain, None, THREAT, device)
+    natural_loop = TRAINERS.get("base")(replace(configs["pretrain"], adv_loss="nat"), THREAT, device)
+    # harp_prune, as train.py sets it up (the pretrained weights, masked; magnitude scores, 010_uni rates, hw loss)
+    masked = build_model(configs["harp_prune"], info, device, masked=True)
+    load_weights(masked, plain.state_dict(), "the plain model", keep_pruning_state=False)
+    prune_graph = inspect_masked(configs["harp_prune"], masked, info, device)
+    init_pruning_state(configs["harp_prune"], RECIPES["harp_prune"], masked)
+    prune = set_up_training(configs["harp_prune"], RECIPES["harp_prune"], masked, prune_graph, THREAT, device)
+    for hook in prune.hooks.values():
+        hook.before_epoch(0)            # gamma of the first epoch: gamma0
     set_trainable(frozen_w, weights=False, scores=False, rates=False, norm_layers=True)
-    # finetune (train.py's order): weights trainable, then the same masks frozen (pruned weights zeroed once)
+    # finetune (train.py's order): the same masks, weights trainable, masks frozen (pruned weights zeroed once)
     finetune = copy.deepcopy(masked)
-    set_trainable(finetune, weights=True, scores=False, rates=False, norm_layers=True)
-    freeze_masks(finetune)
+    finetune_parts = set_up_training(configs["harp_finetune"], RECIPES["harp_finetune"], finetune, None, THREAT,
+                                     device)
 
     for model in (plain, frozen_w, masked, finetune):
         model.to(memory_format=memory_format)
-    optimizers = {name: _optimizer(m) for name, m in
-                  (("plain", plain), ("frozen_w", frozen_w), ("masked", masked), ("finetune", finetune))}
+    frozen_optimizer = make_optimizer(configs["pretrain"], [p for p in frozen_w.parameters() if p.requires_grad])
 
     def wrapped(model):
         """(training model, attack model) as train.py wires them under --compile."""
         return (torch.compile(model), torch.compile(model)) if compile else (model, model)
 
-    common = dict(bf16=bf16, channels_last=channels_last)
+    flags = dict(bf16=bf16, channels_last=channels_last)
     plain_t, plain_a = wrapped(plain)
     frozen_t, frozen_a = wrapped(frozen_w)
     masked_t, masked_a = wrapped(masked)
     finetune_t, finetune_a = wrapped(finetune)
     train_steps = {
-        "plain_train": _train_step(plain_t, optimizers["plain"], natural, batch, device, attack_model=plain_a, **common),
-        "pgd10_at": _train_step(plain_t, optimizers["plain"], pgd_at, batch, device, attack_model=plain_a, **common),
-        "pgd10_plain_frozen_w": _train_step(frozen_t, optimizers["frozen_w"], pgd_at, batch, device,
-                                            attack_model=frozen_a, **common),
-        "pgd10_harp_prune": _train_step(masked_t, optimizers["masked"], pgd_at, batch, device, attack_model=masked_a,
-                                        hw_loss=cost_model.loss, gamma=GAMMA, **common),
-        "finetune_train": _train_step(finetune_t, optimizers["finetune"], natural, batch, device,
-                                      attack_model=finetune_a, **common),
+        "plain_train": _train_step(natural_loop, plain_t, pretrain.optimizer, batch, device, attack_model=plain_a,
+                                   **flags),
+        "pgd10_at": _train_step(pretrain.loop, plain_t, pretrain.optimizer, batch, device, attack_model=plain_a,
+                                **flags),
+        "pgd10_plain_frozen_w": _train_step(pretrain.loop, frozen_t, frozen_optimizer, batch, device,
+                                            attack_model=frozen_a, **flags),
+        "pgd10_harp_prune": _train_step(prune.loop, masked_t, prune.optimizer, batch, device, attack_model=masked_a,
+                                        regularizers=prune.regularizers.values(), **flags),
+        "finetune_train": _train_step(finetune_parts.loop, finetune_t, finetune_parts.optimizer, batch, device,
+                                      attack_model=finetune_a, **flags),
     }
-    return {"info": info, "shape": shape, "batch": batch, "plain": plain, "masked": masked,
+    return {"info": info, "configs": configs, "shape": shape, "batch": batch, "plain": plain, "masked": masked,
             "forward_flops": forward_flops, "train_steps": train_steps, "memory_format": memory_format}
 
 
 def export_models(built: Dict, arch: str, device: torch.device):
     """Eval-mode plain model and a fresh plain model holding dense_state_dict(masked)."""
     info = built["info"]
-    export = create_model(arch, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
+    export = build_model(built["configs"]["pretrain"], info, device, masked=False)
     export.load_state_dict(dense_state_dict(built["masked"]), strict=True)
     export.to(memory_format=built["memory_format"])
     plain, masked = built["plain"], built["masked"]

@@ -4,9 +4,9 @@
     python scripts/make_tables.py trained_models/ --format csv -o results.csv
     python scripts/make_tables.py trained_models/ --format latex --attack pgd10
 
-One table per dataset. Rows: method x granularity, with the method named from the run's exp-mode
-(pretrain -> dense, score_* -> Hydra (score), rate_* -> rate, harp_* -> HARP) and the granularity from
---prune_reg (weight, channel). Columns: architecture x sparsity, the sparsity being 100 * (1 - global_keep)
+One table per dataset. Rows: method x granularity, with the method named by the run's stage recipe
+(configs/recipes.py: pretrain -> dense, score_* -> Hydra (score), lwm_finetune -> LWM, rate_* -> rate,
+harp_* -> HARP) and the granularity from --prune_reg (weight, channel). Columns: architecture x sparsity, the sparsity being 100 * (1 - global_keep)
 of the evaluated model (exact kept counts from the result JSON), rounded to one decimal ("99", "99.9").
 Cells: "natural / robust" accuracy in percent with two decimals; "–" where there is no result.
 
@@ -24,8 +24,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from configs.recipes import DENSE_METHOD, METHODS, recipe  # noqa: E402
+
 REQUIRED_KEYS = ("arch", "dataset", "exp_mode", "natural_acc", "attacks", "sparsity")
-METHOD_ORDER = ("dense", "Hydra (score)", "rate", "HARP")
+METHOD_ORDER = METHODS
 GRANULARITY_ORDER = ("weight", "channel")
 DASH = "–"
 
@@ -35,14 +41,11 @@ class TableError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def method_of(exp_mode: str) -> Tuple[str, str]:
-    """(method label, stage) of an exp-mode: 'harp_finetune' -> ('HARP', 'finetune')."""
-    mode = exp_mode.replace("-", "_").lower()
-    if mode == "pretrain":
-        return "dense", "pretrain"
-    family, _, stage = mode.partition("_")
-    label = {"score": "Hydra (score)", "rate": "rate", "harp": "HARP"}.get(family, family)
-    return label, stage
+def method_of(exp_mode: str) -> Tuple[str, bool]:
+    """(method label, whether the stage's model is the method's result) of an exp-mode, from its recipe:
+    'harp_finetune' -> ('HARP', True), 'harp_prune' -> ('HARP', False)."""
+    spec = recipe(exp_mode)
+    return spec.method, spec.final
 
 
 def sparsity_percent(result: Dict) -> float:
@@ -101,10 +104,10 @@ def _accuracy(result: Dict, attack: str, balanced: bool) -> Tuple[float, Optiona
     return natural, entry["robust_acc"] if robust is None else robust
 
 
-def _preference(path: str, result: Dict, stage: str) -> Tuple:
+def _preference(path: str, result: Dict, final: bool) -> Tuple:
     stem = os.path.basename(path)
     checkpoint_rank = 1 if "_dense" in stem else (3 if stem.startswith("model_best") else 2)
-    stage_rank = {"finetune": 2, "pretrain": 2, "prune": 1}.get(stage, 0)
+    stage_rank = 2 if final else 1
     try:
         mtime = os.path.getmtime(path)
     except OSError:
@@ -121,13 +124,13 @@ def collect(results: Iterable[Tuple[str, Dict]], attack: str = "autoattack", pre
             continue
         if dataset and result["dataset"].lower() != dataset.lower():
             continue
-        method, stage = method_of(result["exp_mode"])
-        granularity = "" if method == "dense" else result.get("prune_reg", "weight")
+        method, final = method_of(result["exp_mode"])
+        granularity = "" if method == DENSE_METHOD else result.get("prune_reg", "weight")
         balanced = metric == "balanced" or (metric == "auto" and result["dataset"] == "SVHN")
         natural, robust = _accuracy(result, attack, balanced)
         entry = Entry(result["dataset"], method, granularity, result["arch"],
-                      0.0 if method == "dense" else sparsity_percent(result), natural, robust, path,
-                      _preference(path, result, stage), 100.0 * (1.0 - float(result["sparsity"]["global_keep"])))
+                      0.0 if method == DENSE_METHOD else sparsity_percent(result), natural, robust, path,
+                      _preference(path, result, final), 100.0 * (1.0 - float(result["sparsity"]["global_keep"])))
         key = (entry.dataset, entry.method, entry.granularity, entry.arch, entry.sparsity)
         if key not in best or entry.preference > best[key].preference:
             best[key] = entry
@@ -161,9 +164,9 @@ def build_tables(entries: List[Entry], show_sparsity: bool = False) -> List[Tabl
     tables = []
     for dataset in sorted({e.dataset for e in entries}):
         mine = [e for e in entries if e.dataset == dataset]
-        pruned = [e for e in mine if e.method != "dense"]
+        pruned = [e for e in mine if e.method != DENSE_METHOD]
         columns = sorted({(e.arch, e.sparsity) for e in pruned})
-        for arch in sorted({e.arch for e in mine if e.method == "dense"} - {a for a, _ in columns}):
+        for arch in sorted({e.arch for e in mine if e.method == DENSE_METHOD} - {a for a, _ in columns}):
             columns.append((arch, 0.0))  # only a dense model of this architecture: a 0 % column
         columns.sort()
         rows = sorted({(e.method, e.granularity) for e in mine},
@@ -171,7 +174,7 @@ def build_tables(entries: List[Entry], show_sparsity: bool = False) -> List[Tabl
         cells = {}
         for e in mine:
             text = cell_text(e.natural, e.robust, e.measured_sparsity if show_sparsity else None)
-            if e.method == "dense":
+            if e.method == DENSE_METHOD:
                 for arch, sparsity in columns:
                     if arch == e.arch:
                         cells[((e.method, e.granularity), (arch, sparsity))] = text

@@ -29,6 +29,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from configs.recipes import DENSE_METHOD  # noqa: E402
 from scripts.make_tables import TableError, load_entries, method_of, sparsity_percent  # noqa: E402
 
 PlotError = TableError
@@ -99,7 +100,7 @@ def _rates_from_state(state, path, k, alpha) -> Dict[str, Dict]:
 def _title(info: Dict) -> str:
     method, _ = method_of(info.get("exp_mode", "pretrain"))
     parts = [info.get("arch", "?"), info.get("dataset", "?"), method]
-    if method != "dense":
+    if method != DENSE_METHOD:
         parts.append(f"{info.get('prune_reg', 'weight')}, k={info.get('k')}")
     return " ".join(str(p) for p in parts)
 
@@ -147,10 +148,10 @@ def plot_accuracy_sparsity(paths: Sequence[str], output: str, attack: str = "aut
     fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.0), squeeze=False)
     for ax, (ds, arch) in zip(axes[0], panels):
         mine = [e for e in entries if (e.dataset, e.arch) == (ds, arch)]
-        pruned = [e for e in mine if e.method != "dense"]
+        pruned = [e for e in mine if e.method != DENSE_METHOD]
         xs_all = sorted({e.sparsity for e in pruned}) or [0.0]
         colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
-        for e in [e for e in mine if e.method == "dense"]:
+        for e in [e for e in mine if e.method == DENSE_METHOD]:
             colour = next(colours)
             ax.axhline(e.natural, color=colour, linestyle="-", linewidth=1, label="dense natural")
             if e.robust is not None:
@@ -185,7 +186,7 @@ def plot_security_curves(paths: Sequence[str], output: str, labels: Optional[Seq
             raise PlotError(f"{path} has no security_curve; run test.py with --epsilons, e.g. --epsilons 0.01,0.02,0.031")
         points = sorted({(0.0, result["natural_acc"])} | {(p["eps"], p["robust_acc"]) for p in curve})
         method, _ = method_of(result["exp_mode"])
-        default = f"{method} {result['arch']}" + ("" if method == "dense" else f" {sparsity_percent(result):g}%")
+        default = f"{method} {result['arch']}" + ("" if method == DENSE_METHOD else f" {sparsity_percent(result):g}%")
         label = labels[i] if labels and i < len(labels) else default
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
         eps = result.get("epsilon")

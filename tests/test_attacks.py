@@ -1,4 +1,4 @@
-"""Properties of test.py's per-batch attacks (trainers/suite.py, trainers/attacks.py) on tiny models.
+"""Properties of test.py's per-batch attacks (trainers/evaluation/, trainers/attacks.py) on tiny models.
 
 Every attack keeps its output inside the eps-ball and [0, 1]; robust accuracy never exceeds natural
 accuracy; the model is in eval mode during attacks and each module's mode is restored afterwards; the same
@@ -9,11 +9,15 @@ import torch
 from torch import nn
 
 from configs.errors import UserError
-from configs.schema import ATTACK_NAMES
-from pruning.wrap import freeze_masks, sparsify
-from trainers.attacks import LINF, L2, fgsm, perturbation_norms, project_to_threat
-from trainers.suite import (BATCH_ATTACKS, EvalSettings, balanced_accuracy, clean_pass, model_sparsity,
-                            parse_attacks, run_batch_attack, run_suite)
+from pruning.wrap import freeze_masks, model_sparsity, sparsify
+from trainers.attacks import fgsm
+from trainers.evaluation.registry import EvalSettings, attack, batch_attack_names, parse_attacks, suite_names
+from trainers.evaluation.scoring import balanced_accuracy, project_to_threat
+from trainers.evaluation.suite import clean_pass, run_batch_attack, run_suite
+from trainers.threat import LINF, L2, ThreatModel, perturbation_norms
+
+ATTACK_NAMES = suite_names()
+BATCH_ATTACKS = [n for n in batch_attack_names() if n in ATTACK_NAMES]  # what `--attacks all` runs per batch
 
 EPS = {LINF: 0.1, L2: 0.5}
 SLACK = 1e-5
@@ -46,7 +50,12 @@ def batches_of(x, y, size):
 
 
 def settings_for(norm, **kw):
-    return EvalSettings(eps=EPS[norm], norm=norm, step_size=EPS[norm] / 4, seed=3, show_progress=False, **kw)
+    threat = ThreatModel(eps=EPS[norm], norm=norm, step_size=EPS[norm] / 4, steps=10)
+    return EvalSettings(threat=threat, seed=3, show_progress=False, **kw)
+
+
+def threat(eps, norm):
+    return ThreatModel(eps=eps, step_size=0.0, steps=0, norm=norm)
 
 
 @pytest.mark.parametrize("norm", [LINF, L2])
@@ -55,7 +64,7 @@ def test_raw_attack_output_stays_in_the_ball_and_the_box(name, norm):
     model = tiny_model().eval()
     x, y = tiny_data(model)
     s = settings_for(norm)
-    x_adv = BATCH_ATTACKS[name].make(model, s)(x, y).detach()
+    x_adv = attack(name).make(model, s)(x, y).detach()
     assert x_adv.shape == x.shape and torch.isfinite(x_adv).all()
     assert float(perturbation_norms(x_adv, x, norm).max()) <= s.eps * (1 + SLACK) + SLACK
     assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
@@ -67,7 +76,7 @@ def test_linf_fgsm_matches_trainers_fgsm():
     model = tiny_model().eval()
     x, y = tiny_data(model)
     s = settings_for(LINF)
-    assert torch.equal(BATCH_ATTACKS["fgsm"].make(model, s)(x, y), fgsm(model, x, y, s.eps))
+    assert torch.equal(attack("fgsm").make(model, s)(x, y), fgsm(model, x, y, s.threat))
 
 
 @pytest.mark.parametrize("norm", [LINF, L2])
@@ -75,10 +84,10 @@ def test_project_to_threat(norm):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(5, 3, 4, 4, generator=g)
     far = x + 3 * torch.randn(5, 3, 4, 4, generator=g)
-    out = project_to_threat(far, x, 0.2, norm)
+    out = project_to_threat(far, x, threat(0.2, norm))
     assert float(perturbation_norms(out, x, norm).max()) <= 0.2 * (1 + SLACK)
     assert float(out.min()) >= 0 and float(out.max()) <= 1
-    inside = project_to_threat(x + 0.01 * torch.sign(torch.randn(5, 3, 4, 4, generator=g)), x, 0.2, LINF)
+    inside = project_to_threat(x + 0.01 * torch.sign(torch.randn(5, 3, 4, 4, generator=g)), x, threat(0.2, LINF))
     assert torch.allclose(inside, (x + 0.01 * torch.sign(inside - x)).clamp(0, 1), atol=1e-7)
 
 

@@ -1,4 +1,4 @@
-"""AutoAttack composition (trainers/autoattack.py): survivors only, per-point worst case, official settings."""
+"""AutoAttack composition (trainers/evaluation/autoattack.py): survivors only, per-point worst case, official settings."""
 import logging
 
 import pytest
@@ -6,9 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.attacks import LINF, L2, perturbation_norms
-from trainers.autoattack import Component, build_components, run_autoattack, target_classes
-from trainers.suite import EvalSettings, run_suite
+from trainers.evaluation.autoattack import Component, build_components, run_autoattack, target_classes
+from trainers.evaluation.registry import EvalSettings
+from trainers.evaluation.suite import run_suite
+from trainers.threat import LINF, L2, ThreatModel, perturbation_norms
+
+
+def threat(eps, norm):
+    return ThreatModel(eps=eps, step_size=eps / 4, steps=10, norm=norm)
 
 C = 5
 EPS = 0.5
@@ -75,7 +80,7 @@ def test_later_components_see_only_points_still_robust_and_result_is_the_worst_c
     fools = [Fooler({1, 2, 3, 5}), Fooler({3, 4, 10, 11}), Fooler({12}), Fooler(set())]
     components = [Component(f"c{i}", f) for i, f in enumerate(fools)]
     model.train()
-    result = run_autoattack(model, make_batches(x, y, 4), components, eps=EPS, norm=LINF, batch_size=3,
+    result = run_autoattack(model, make_batches(x, y, 4), components, threat(EPS, LINF), batch_size=3,
                             show_progress=False, keep_adversarial=True)
     clean_ok = set(range(23)) - {0, 5, 9}
     still = set(clean_ok)
@@ -102,8 +107,8 @@ def test_final_flags_equal_the_per_point_minimum_over_components_run_alone():
     model, x, y = lookup_setup()
     sets = [{1, 2, 3}, {3, 4, 10, 11, 5}, {12, 20}]
     together = run_autoattack(model, make_batches(x, y, 5), [Component(f"c{i}", Fooler(s)) for i, s in enumerate(sets)],
-                              eps=EPS, norm=LINF, batch_size=4, show_progress=False)
-    alone = [run_autoattack(model, make_batches(x, y, 5), [Component("c", Fooler(s))], eps=EPS, norm=LINF,
+                              threat(EPS, LINF), batch_size=4, show_progress=False)
+    alone = [run_autoattack(model, make_batches(x, y, 5), [Component("c", Fooler(s))], threat(EPS, LINF),
                             batch_size=4, show_progress=False).robust for s in sets]
     assert torch.equal(together.robust, alone[0] & alone[1] & alone[2])
 
@@ -118,7 +123,7 @@ def test_out_of_budget_outputs_are_projected_before_scoring(caplog):
         return out
 
     with caplog.at_level(logging.WARNING):
-        result = run_autoattack(model, make_batches(x, y, 8), [Component("big", overshoot)], eps=0.2, norm=LINF,
+        result = run_autoattack(model, make_batches(x, y, 8), [Component("big", overshoot)], threat(0.2, LINF),
                                 batch_size=8, show_progress=False, keep_adversarial=True)
     assert "projected" in caplog.text
     assert result.robust_acc == pytest.approx(100 * 20 / 23)  # 0.2 + 0.2 = 0.4 < 0.5: nothing breaks in-budget
@@ -142,7 +147,7 @@ def tiny_data(model, n, seed=1, wrong=2):
 
 
 def test_standard_preset_has_the_official_settings():
-    comps = {c.name: c.params for c in build_components(tiny_model(), "standard", norm=LINF, eps=8 / 255,
+    comps = {c.name: c.params for c in build_components(tiny_model(), "standard", threat(8 / 255, LINF),
                                                          num_classes=10, seed=0)}
     assert list(comps) == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert comps["apgd-ce"]["steps"] == 100 and comps["apgd-ce"]["restarts"] == 1 and comps["apgd-ce"]["loss"] == "ce"
@@ -154,7 +159,7 @@ def test_standard_preset_has_the_official_settings():
 
 
 def test_original_preset_is_torchattacks_autoattack():
-    comps = {c.name: c.params for c in build_components(tiny_model(100), "original", norm=LINF, eps=0.031,
+    comps = {c.name: c.params for c in build_components(tiny_model(100), "original", threat(0.031, LINF),
                                                          num_classes=100, seed=0)}
     assert list(comps) == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert comps["apgd-ce"]["steps"] == 10 and comps["apgd-t"]["steps"] == 10 and comps["fab-t"]["steps"] == 10
@@ -166,10 +171,10 @@ def test_fewer_than_four_classes_skip_apgd_t(caplog):
     model = tiny_model(3)
     x, y = tiny_data(model, 10)
     with caplog.at_level(logging.WARNING):
-        comps = build_components(model, "standard", norm=LINF, eps=0.05, num_classes=3, seed=0)
+        comps = build_components(model, "standard", threat(0.05, LINF), num_classes=3, seed=0)
     assert [c.name for c in comps] == ["apgd-ce", "fab-t", "square"]
     assert "apgd-t" in caplog.text and comps[1].params["target_classes"] == 2
-    result = run_autoattack(model, make_batches(x, y, 10), comps, eps=0.05, norm=LINF, batch_size=10,
+    result = run_autoattack(model, make_batches(x, y, 10), comps, threat(0.05, LINF), batch_size=10,
                             show_progress=False)
     assert result.robust_acc <= result.clean_acc
 
@@ -201,11 +206,11 @@ def test_targeted_components_attack_the_top_nine_classes_by_clean_logits(monkeyp
 
     monkeypatch.setattr(torchattacks.APGDT, "dlr_loss_targeted", dlr)
     monkeypatch.setattr(torchattacks.FAB, "get_diff_logits_grads_batch_targeted", fab)
-    comps = {c.name: c for c in build_components(model, "standard", norm=LINF, eps=1e-4, num_classes=100, seed=0)}
+    comps = {c.name: c for c in build_components(model, "standard", threat(1e-4, LINF), num_classes=100, seed=0)}
     for name in ("apgd-t", "fab-t"):
         comp = comps[name]
         comp.attack.steps = 3  # targets do not depend on the number of steps; keep the test fast
-        run_autoattack(model, make_batches(x, y, 3), [comp], eps=1e-4, norm=LINF, batch_size=3, show_progress=False)
+        run_autoattack(model, make_batches(x, y, 3), [comp], threat(1e-4, LINF), batch_size=3, show_progress=False)
     assert apgdt_targets == expected
     assert fab_targets == expected
 
@@ -216,8 +221,8 @@ def test_standard_autoattack_on_a_tiny_model(norm, eps):
     x, y = tiny_data(model, 16)
     model.train()
     before = [m.training for m in model.modules()]
-    comps = build_components(model, "standard", norm=norm, eps=eps, num_classes=10, seed=5)
-    result = run_autoattack(model, make_batches(x, y, 6), comps, eps=eps, norm=norm, batch_size=8, seed=5,
+    comps = build_components(model, "standard", threat(eps, norm), num_classes=10, seed=5)
+    result = run_autoattack(model, make_batches(x, y, 6), comps, threat(eps, norm), batch_size=8, seed=5,
                             show_progress=False, keep_adversarial=True)
     assert [m.training for m in model.modules()] == before
     accs = [v["robust_acc"] for v in result.per_component.values()]
@@ -231,9 +236,9 @@ def test_standard_autoattack_on_a_tiny_model(norm, eps):
     if norm == L2:
         return
     # Same seed, same flags.
-    again = run_autoattack(model, make_batches(x, y, 6), build_components(model, "standard", norm=norm, eps=eps,
+    again = run_autoattack(model, make_batches(x, y, 6), build_components(model, "standard", threat(eps, norm),
                                                                           num_classes=10, seed=5),
-                           eps=eps, norm=norm, batch_size=8, seed=5, show_progress=False)
+                           threat(eps, norm), batch_size=8, seed=5, show_progress=False)
     assert torch.equal(again.robust, result.robust)
     assert [v["robust_acc"] for v in again.per_component.values()] == accs
 
@@ -241,7 +246,8 @@ def test_standard_autoattack_on_a_tiny_model(norm, eps):
 def test_suite_entry_reports_components_and_is_at_most_pgd():
     model = tiny_model()
     x, y = tiny_data(model, 16)
-    settings = EvalSettings(eps=0.05, norm=LINF, step_size=0.0125, seed=0, preset="original", aa_batch_size=16,
+    settings = EvalSettings(threat=ThreatModel(eps=0.05, norm=LINF, step_size=0.0125, steps=10), seed=0,
+                            preset="original", aa_batch_size=16,
                             show_progress=False)
     result = run_suite(model, make_batches(x, y, 8), ["natural", "pgd10", "autoattack"], settings)
     aa = result["attacks"]["autoattack"]

@@ -35,7 +35,8 @@ from pruning.graph import inspect_layers
 from pruning.init import init_scores_from_weights, set_keep_rates
 from pruning.trainable import set_trainable
 from pruning.wrap import masked_layers, sparsify
-from trainers.attacks import ThreatModel
+from trainers.regularizers import HardwareLoss
+from trainers.threat import ThreatModel
 from trainers.engine import train_one_epoch
 from trainers.objectives import ObjectiveSettings, pgd_at
 from utils.distributed import DistContext, all_reduce_sums
@@ -136,7 +137,7 @@ def train_steps(model, attack_model, cost, batches):
                                 weight_decay=5e-4)
     return train_one_epoch(model, attack_model, batches, optimizer, pgd_at, ObjectiveSettings(threat=THREAT),
                            epoch=0, num_batches=len(batches), device=torch.device("cpu"),
-                           hw_loss=cost.loss, gamma=GAMMA, show_progress=False)
+                           regularizers=[HardwareLoss(cost, weight=GAMMA)], show_progress=False)
 
 
 def _rank_worker(rank, world_size, init_file, out_path):

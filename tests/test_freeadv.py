@@ -65,11 +65,22 @@ def make_batches(sizes, seed=0):
             for n in sizes]
 
 
+class Regularizer:
+    """A loss term for the engine (the trainers.regularizers contract), from a function returning (term, value)."""
+    name, weight = "hw_loss", 0.5
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self):
+        return self.fn()[0]
+
+
 def run_epoch(model, batches, perturbation, epoch, optimizer=None, hw_loss=None):
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     return train_one_epoch_free(model, batches, optimizer, perturbation, n_repeats=N_REPEATS, epoch=epoch,
-                                num_batches=len(batches), device=torch.device("cpu"), hw_loss=hw_loss, gamma=0.5,
-                                show_progress=False)
+                                num_batches=len(batches), device=torch.device("cpu"),
+                                regularizers=[Regularizer(hw_loss)] if hw_loss else [], show_progress=False)
 
 
 def used_deltas(model, batches):

@@ -6,7 +6,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("configs", "strategies", "utils", "data", "models", "pruning", "trainers")
+# Layer 5: the entry points and the stage set-up they share. They may import every package; an entry point never
+# imports another one (test.py must not import train.py), and no package imports any of them.
 ENTRY_POINTS = ("train", "test")
+COMPOSITION = ("stage",)
 
 # package -> project packages it may import (its own included). Strategies is data with a small loader
 # (L0 beside configs); pruning works on any nn.Module, so it knows neither models, data nor strategies.
@@ -49,7 +52,7 @@ def test_every_package_is_checked():
 @pytest.mark.parametrize("package,path", LIBRARY_FILES, ids=[os.path.relpath(p, ROOT) for _, p in LIBRARY_FILES])
 def test_imports_follow_the_layering(package, path):
     for module, line in _project_imports(path):
-        if module in PACKAGES or module in ENTRY_POINTS:
+        if module in PACKAGES or module in ENTRY_POINTS + COMPOSITION:
             assert module in ALLOWED[package], (
                 f"{os.path.relpath(path, ROOT)}:{line} imports {module}; {package} may import only {sorted(ALLOWED[package])}")
 
@@ -65,6 +68,15 @@ def test_library_code_neither_prints_nor_reads_argv_or_environment(package, path
             pair = (node.value.id, node.attr)
             assert pair not in {("sys", "argv"), ("os", "environ"), ("os", "getenv"), ("sys", "exit")}, (
                 f"{where}:{node.lineno} uses {'.'.join(pair)}; only train.py/test.py may")
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS + COMPOSITION)
+def test_entry_points_import_no_other_entry_point(module):
+    path = os.path.join(ROOT, f"{module}.py")
+    allowed = set(PACKAGES) | (set(COMPOSITION) if module in ENTRY_POINTS else set())
+    for imported, line in _project_imports(path):
+        if imported in ENTRY_POINTS + COMPOSITION:
+            assert imported in allowed, f"{module}.py:{line} imports {imported}"
 
 
 def test_the_checker_catches_a_violation(tmp_path):

@@ -59,7 +59,7 @@ def test_seed_pretrain_command_leaves_best_checkpoint_and_metrics(cifar):
     run_dir = os.path.join(result_dir, "vgg16_bn", "CIFAR10", "pgd", "pretrain")
     best = load_checkpoint(os.path.join(run_dir, "checkpoint", "model_best.pth.tar"))
     assert best["arch"] == "vgg16_bn" and best["epoch"] == 1 and best["config"]["epsilon"] == 0.031
-    assert {"state_dict", "optimizer", "best_prec1", "gamma", "rng", "format_version"} <= set(best)
+    assert {"state_dict", "optimizer", "best_prec1", "rng", "format_version"} <= set(best)
     (record,) = metrics(run_dir)
     assert {"epoch", "lr", "train_loss", "natural_acc", "robust_acc"} <= set(record)
     assert record["robust_acc"] <= record["natural_acc"]

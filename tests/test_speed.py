@@ -17,7 +17,9 @@ from pruning.graph import inspect_layers
 from pruning.init import init_scores_from_weights, set_keep_rates
 from pruning.trainable import set_trainable
 from pruning.wrap import freeze_masks, masked_layers, sparsify
-from trainers.attacks import ThreatModel, pgd
+from trainers.attacks import pgd
+from trainers.regularizers import HardwareLoss
+from trainers.threat import ThreatModel
 from trainers.engine import train_one_epoch
 from trainers.objectives import ObjectiveSettings, pgd_at
 
@@ -61,7 +63,7 @@ def batches(n, batch_size=8, seed=0):
 
 def step(model, data, optimizer, cost=None):
     return train_one_epoch(model, model, data, optimizer, pgd_at, SETTINGS, epoch=0, num_batches=len(data),
-                           device=CPU, hw_loss=cost.loss if cost else None, gamma=1.0,
+                           device=CPU, regularizers=[HardwareLoss(cost, weight=1.0)] if cost else [],
                            show_progress=False)
 
 

@@ -1,74 +1,26 @@
-"""White-box attacks used for training, validation and test.py (harp-spec §6.1, §6.4, §7).
+"""Gradient attacks: PGD (cross-entropy or CW margin), FGSM, and TRADES' inner maximisation (harp-spec §6.1, §6.4, §7).
 
+Used by the training objectives and, registered by name, by validation and test.py (trainers/evaluation/).
 Every attack takes gradients with respect to the input only (`torch.autograd.grad`), never parameter
-gradients (DESIGN.md §7), runs the model in eval mode and restores each module's mode afterwards,
-and keeps x_adv inside the eps-ball around x and inside [clip_min, clip_max].
+gradients (DESIGN.md §7), runs the model in eval mode and restores each module's mode afterwards, and keeps
+x_adv inside the eps-ball around x and inside [clip_min, clip_max].
 """
-import contextlib
-from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LINF, L2 = "linf", "l2"
+from trainers.threat import ThreatModel, ascent_step, eval_mode, project, random_start
+
+CW_KAPPA = 50.0  # the original's CW confidence
 
 
-@dataclass(frozen=True)
-class ThreatModel:
-    eps: float
-    step_size: float
-    steps: int
-    norm: str = LINF
-    clip_min: float = 0.0
-    clip_max: float = 1.0
-    random_start: bool = True
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Eval mode for the attack (BN running statistics untouched), every module's own mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
+def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = CW_KAPPA) -> torch.Tensor:
     """Summed -max(z_y - max_{j!=y} z_j + kappa, 0): ascending it pushes the true-class margin down."""
     true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
     return -torch.clamp(true - other + kappa, min=0).sum()
-
-
-def project(x_adv: torch.Tensor, x: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
-    delta = x_adv - x
-    if threat.norm == LINF:
-        delta = delta.clamp(-threat.eps, threat.eps)
-    else:
-        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-        delta = delta * (threat.eps / norms).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
-    return (x + delta).clamp(threat.clip_min, threat.clip_max)
-
-
-def _ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
-    if threat.norm == LINF:
-        return x_adv + threat.step_size * grad.sign()
-    norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
-    return x_adv + threat.step_size * grad / norms
-
-
-def random_start(x: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
-    """Uniform in the Linf ball (as the original: no clamp before the first step) or uniform-radius in L2."""
-    if threat.norm == LINF:
-        return x + torch.empty_like(x).uniform_(-threat.eps, threat.eps)
-    direction = torch.randn_like(x)
-    direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-    radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
-    return x + threat.eps * radius * direction
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, loss: str = "ce",
@@ -87,34 +39,15 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
             logits = model(x_adv)
             objective = F.cross_entropy(logits, y, reduction="sum") if loss == "ce" else cw_margin_loss(logits, y)
             (grad,) = torch.autograd.grad(objective, [x_adv])
-            x_adv = project(_ascent_step(x_adv.detach(), grad, threat), x, threat)
+            x_adv = project(ascent_step(x_adv.detach(), grad, threat.step_size, threat.norm), x, threat)
         return x_adv.clamp(threat.clip_min, threat.clip_max).detach()
 
 
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, clip_min: float = 0.0,
-         clip_max: float = 1.0) -> torch.Tensor:
-    """One signed step of size eps from the clean input (test.py's FGSM)."""
-    threat = ThreatModel(eps=eps, step_size=eps, steps=1, clip_min=clip_min, clip_max=clip_max, random_start=False)
-    return pgd(model, x, y, threat)
-
-
-def perturbation_norms(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-example ||x_adv - x|| in the threat model's norm (float64 for an exact comparison with eps)."""
-    delta = (x_adv.detach() - x.detach()).flatten(1).double()
-    if norm == LINF:
-        return delta.abs().amax(dim=1) if delta.shape[1] else delta.new_zeros(delta.shape[0])
-    return delta.norm(dim=1)
-
-
-def project_to_threat(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, clip_min: float = 0.0,
-                      clip_max: float = 1.0) -> torch.Tensor:
-    """x_adv pulled back into the eps-ball around x and into [clip_min, clip_max] (a no-op for valid points).
-
-    test.py passes every attack's output through this before it scores it, so a third-party attack that
-    overshoots the budget by rounding (or by a bug) can never count a point outside the threat model.
-    """
-    threat = ThreatModel(eps=eps, step_size=0.0, steps=0, norm=norm, clip_min=clip_min, clip_max=clip_max)
-    return project(x_adv.detach(), x.detach(), threat).detach()
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+         step: Optional[float] = None) -> torch.Tensor:
+    """One steepest-ascent step of size `step` (default: the whole budget eps) from the clean input, no random
+    start. test.py's and validation's FGSM take eps; the original's warm-up objective takes the PGD step size."""
+    return pgd(model, x, y, threat.with_(steps=1, step_size=threat.eps if step is None else step, random_start=False))
 
 
 def trades_attack(model: nn.Module, x: torch.Tensor, threat: ThreatModel, clean_probs: torch.Tensor) -> torch.Tensor:
@@ -126,5 +59,5 @@ def trades_attack(model: nn.Module, x: torch.Tensor, threat: ThreatModel, clean_
             x_adv.requires_grad_(True)
             kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), clean_probs, reduction="sum")
             (grad,) = torch.autograd.grad(kl, [x_adv])
-            x_adv = project(_ascent_step(x_adv.detach(), grad, threat), x, threat)
+            x_adv = project(ascent_step(x_adv.detach(), grad, threat.step_size, threat.norm), x, threat)
         return x_adv.detach()

@@ -1,11 +1,12 @@
 """One training epoch: PGD/TRADES/MART/natural objectives (`train_one_epoch`) and Free-AT (`train_one_epoch_free`).
 
-Both return plain dicts of averages; the entry point logs and saves them. Metrics accumulate on the
-device and are read every `print_freq` steps (progress bar and the finite-loss check) and at the end, so
-the step itself never waits for the host.
+Both minimise the objective's loss plus every regularizer's weighted term (e.g. HARP's gamma * hardware loss)
+and return plain dicts of averages (`<regularizer name>_mean` for each term); the entry point logs and saves them.
+Metrics accumulate on the device and are read every `print_freq` steps (progress bar and the finite-loss check)
+and at the end, so the step itself never waits for the host.
 """
 import contextlib
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -13,27 +14,26 @@ import torch.nn.functional as F
 
 from configs.errors import UserError
 from trainers.objectives import Objective, ObjectiveSettings
+from trainers.regularizers import Regularizer
 from utils.progress import progress
-
-HardwareLoss = Callable[[], Tuple[torch.Tensor, torch.Tensor]]
 
 
 class _Totals:
     """Running sums kept on the device."""
 
-    def __init__(self, device):
+    def __init__(self, device, regularizers: Sequence[Regularizer]):
         self.loss = torch.zeros((), device=device, dtype=torch.float64)
-        self.hw = torch.zeros((), device=device, dtype=torch.float64)
+        self.terms = {r.name: torch.zeros((), device=device, dtype=torch.float64) for r in regularizers}
         self.correct = torch.zeros((), device=device, dtype=torch.int64)
         self.count = 0
         self.steps = 0
 
-    def add(self, loss, logits, y, hw):
+    def add(self, loss, logits, y, terms: Dict[str, torch.Tensor]):
         n = y.shape[0]
         self.loss += loss.detach().double() * n
         self.correct += (logits.detach().argmax(dim=1) == y).sum()
-        if hw is not None:
-            self.hw += hw.detach().double()
+        for name, value in terms.items():
+            self.terms[name] += value.detach().double()
         self.count += n
         self.steps += 1
 
@@ -43,25 +43,25 @@ class _Totals:
             raise UserError(f"training loss became {value} in epoch {epoch + 1} by step {step}; stopped, and the "
                             "last good checkpoint is kept (try a lower --lr)")
 
-    def summary(self, with_hw: bool) -> Dict[str, float]:
+    def summary(self) -> Dict[str, float]:
         out = {"train_loss": float(self.loss) / max(self.count, 1),
                "train_acc": 100.0 * float(self.correct) / max(self.count, 1), "train_examples": self.count}
-        if with_hw:
-            out["hw_loss_mean"] = float(self.hw) / max(self.steps, 1)
+        for name, value in self.terms.items():
+            out[f"{name}_mean"] = float(value) / max(self.steps, 1)
         return out
 
 
-def _backward(optimizer: torch.optim.Optimizer, loss: torch.Tensor, hw_loss: Optional[HardwareLoss],
-              gamma: float) -> Optional[torch.Tensor]:
-    """Gradients of loss + gamma * L_hw (the hardware loss only in rate/harp prune); returns L_hw."""
-    hw = None
+def _backward(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+              regularizers: Sequence[Regularizer]) -> Dict[str, torch.Tensor]:
+    """Gradients of loss + sum of weight * term over the regularizers; returns each unweighted term."""
+    terms = {}
     total = loss
-    if hw_loss is not None:
-        hw, _ = hw_loss()
-        total = loss + gamma * hw
+    for regularizer in regularizers:
+        terms[regularizer.name] = regularizer()
+        total = total + regularizer.weight * terms[regularizer.name]
     optimizer.zero_grad(set_to_none=True)
     total.backward()
-    return hw
+    return terms
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -72,26 +72,25 @@ def _autocast(device: torch.device, bf16: bool):
 
 def train_one_epoch(model: nn.Module, attack_model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                     objective: Objective, settings: ObjectiveSettings, *, epoch: int, num_batches: int,
-                    device: torch.device, hw_loss: Optional[HardwareLoss] = None, gamma: float = 0.0,
-                    bf16: bool = False, channels_last: bool = False, print_freq: int = 10,
-                    show_progress: bool = True) -> Dict[str, float]:
+                    device: torch.device, regularizers: Sequence[Regularizer] = (), bf16: bool = False,
+                    channels_last: bool = False, print_freq: int = 10, show_progress: bool = True) -> Dict[str, float]:
     model.train()
-    totals = _Totals(device)
+    totals = _Totals(device, regularizers)
     bar = progress(batches, total=num_batches, desc=f"epoch {epoch + 1} train", enabled=show_progress)
     for step, (x, y) in enumerate(bar, start=1):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, bf16):
             loss, logits = objective(model, attack_model, x, y, settings)
-        hw = _backward(optimizer, loss, hw_loss, gamma)
+        terms = _backward(optimizer, loss, regularizers)
         optimizer.step()
-        totals.add(loss, logits, y, hw)
+        totals.add(loss, logits, y, terms)
         if step % print_freq == 0:
             totals.check_finite(epoch, step)
             bar.set_postfix(loss=f"{float(totals.loss) / totals.count:.4f}",
                             acc=f"{100.0 * float(totals.correct) / totals.count:.1f}")
     totals.check_finite(epoch, totals.steps)
-    return totals.summary(hw_loss is not None)
+    return totals.summary()
 
 
 class FreePerturbation:
@@ -120,13 +119,13 @@ class FreePerturbation:
 
 def train_one_epoch_free(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                          perturbation: FreePerturbation, *, n_repeats: int, epoch: int, num_batches: int,
-                         device: torch.device, hw_loss: Optional[HardwareLoss] = None, gamma: float = 0.0,
-                         bf16: bool = False, channels_last: bool = False, print_freq: int = 10,
+                         device: torch.device, regularizers: Sequence[Regularizer] = (), bf16: bool = False,
+                         channels_last: bool = False, print_freq: int = 10,
                          show_progress: bool = True) -> Dict[str, float]:
     """Each batch is replayed `n_repeats` times; every replay is one forward/backward that yields both the
-    parameter update and an eps-sized signed step of the persistent perturbation (hw loss per replay)."""
+    parameter update and an eps-sized signed step of the persistent perturbation (regularizers per replay)."""
     model.train()
-    totals = _Totals(device)
+    totals = _Totals(device, regularizers)
     bar = progress(batches, total=num_batches, desc=f"epoch {epoch + 1} free-AT", enabled=show_progress)
     for step, (x, y) in enumerate(bar, start=1):
         if channels_last:
@@ -136,12 +135,12 @@ def train_one_epoch_free(model: nn.Module, batches: Iterable, optimizer: torch.o
             with _autocast(device, bf16):
                 logits = model((x + delta).clamp(perturbation.clip_min, perturbation.clip_max))
                 loss = F.cross_entropy(logits, y)
-            hw = _backward(optimizer, loss, hw_loss, gamma)
+            terms = _backward(optimizer, loss, regularizers)
             perturbation.step(delta, delta.grad)
             optimizer.step()
-            totals.add(loss, logits, y, hw)
+            totals.add(loss, logits, y, terms)
         if step % print_freq == 0:
             totals.check_finite(epoch, step)
             bar.set_postfix(loss=f"{float(totals.loss) / totals.count:.4f}")
     totals.check_finite(epoch, totals.steps)
-    return totals.summary(hw_loss is not None)
+    return totals.summary()

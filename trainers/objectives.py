@@ -7,12 +7,14 @@ The original's extra clean forward per batch (for logging only) is gone: the log
 for the training accuracy.
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from trainers.attacks import ThreatModel, eval_mode, pgd, trades_attack
+from trainers.attacks import fgsm, pgd, trades_attack
+from trainers.threat import ThreatModel, eval_mode
+from utils.registry import Registry
 
 Objective = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 
@@ -37,9 +39,7 @@ def pgd_at(model, attack_model, x, y, settings) -> Tuple[torch.Tensor, torch.Ten
 
 def fgsm_at(model, attack_model, x, y, settings) -> Tuple[torch.Tensor, torch.Tensor]:
     """Warm-up objective of the original: one step of size step_size (not eps), no random start."""
-    threat = settings.threat
-    x_adv = pgd(attack_model, x, y, ThreatModel(threat.eps, threat.step_size, 1, threat.norm, threat.clip_min,
-                                                  threat.clip_max, random_start=False))
+    x_adv = fgsm(attack_model, x, y, settings.threat, step=settings.threat.step_size)
     logits = model(x_adv)
     return F.cross_entropy(logits, y), logits
 
@@ -57,9 +57,7 @@ def trades(model, attack_model, x, y, settings) -> Tuple[torch.Tensor, torch.Ten
 
 def mart(model, attack_model, x, y, settings) -> Tuple[torch.Tensor, torch.Tensor]:
     """Wang et al. 2020 (MART): boosted CE on x' plus beta * KL weighted by 1 - p_y(x)."""
-    threat = settings.threat
-    x_adv = pgd(attack_model, x, y, ThreatModel(threat.eps, threat.step_size, threat.steps, threat.norm,
-                                                  threat.clip_min, threat.clip_max, random_start=False),
+    x_adv = pgd(attack_model, x, y, settings.threat.with_(random_start=False),
                 start=(x + 0.001 * torch.randn_like(x)), loss="ce")
     logits_adv = model(x_adv)
     logits_clean = model(x)
@@ -74,8 +72,12 @@ def mart(model, attack_model, x, y, settings) -> Tuple[torch.Tensor, torch.Tenso
     return boosted + settings.beta * robust, logits_adv
 
 
-OBJECTIVES: Dict[str, Objective] = {"nat": natural, "pgd": pgd_at, "fgsm": fgsm_at, "trades": trades, "mart": mart}
+# --adv_loss chooses from these (a new objective: its function and one `add`); --warmup-loss also has fgsm.
+OBJECTIVES = Registry("adversarial objective")
+for _name, _objective in (("pgd", pgd_at), ("trades", trades), ("mart", mart), ("nat", natural)):
+    OBJECTIVES.add(_name, _objective)
+_WARMUP_ONLY = {"fgsm": fgsm_at}
 
 
 def get_objective(name: str) -> Objective:
-    return OBJECTIVES[name]
+    return _WARMUP_ONLY[name] if name in _WARMUP_ONLY else OBJECTIVES.get(name)

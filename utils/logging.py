@@ -5,6 +5,8 @@ import os
 import sys
 from typing import Any, Dict, Iterable
 
+from utils.atomic import atomic_write
+
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
@@ -62,8 +64,12 @@ def setup_logging(log_file: str = None, level: int = logging.INFO) -> None:
 
 def write_jsonl(path: str, records: Iterable[Dict[str, Any]]) -> None:
     """Rewrite the whole metrics file atomically from the checkpoint's history (stays consistent on resume)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        for record in records:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def write_json(path: str, obj: Dict[str, Any]) -> None:
+    """An indented JSON file (result files), written atomically."""
+    def write(fh):
+        json.dump(obj, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    atomic_write(path, write)

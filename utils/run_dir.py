@@ -1,4 +1,5 @@
-"""The deterministic run-directory layout that lets stages find each other without paths (DESIGN.md §6).
+"""The deterministic run-directory layout that lets stages find each other without paths (DESIGN.md §6), and the
+decisions tied to it: where a stage's source checkpoint is, whether a run starts, resumes or is refused.
 
   <result_dir>/<arch>/<dataset>/[normalize/]<objective>/pretrain/                       pretrain
   <result_dir>/<arch>/<dataset>/[normalize/]<objective>/<dataset>_<prune_reg>_<stg_id>_<k>/<exp_mode>/
@@ -10,9 +11,19 @@ current stage (and of the prune stage a finetune reads from). Inside a run direc
   config.yaml  train.log  metrics.jsonl  checkpoint/{checkpoint,model_best}[_dense].pth.tar  eval/
 """
 import os
-from typing import Optional
+from typing import Dict, List, Optional
 
-from configs.modes import MODES
+from configs.errors import UserError
+from configs.recipes import RECIPES
+from configs.schema import OPTION_BY_NAME, config_to_dict
+from utils.checkpoint import load_checkpoint
+
+CHECKPOINT_STEMS = {"best": "model_best", "last": "checkpoint", "best_dense": "model_best_dense",
+                    "last_dense": "checkpoint_dense"}
+_CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar", ".ckpt")
+# Options that do not change what a run computes: a rerun may differ in these and still resume.
+RUNTIME_OPTIONS = {"configs", "data_dir", "download", "workers", "device", "gpu", "no_cuda", "print_freq",
+                   "no_progress", "resume", "overwrite", "source_net", "evaluate", "compile"}
 
 
 def objective_component(cfg) -> str:
@@ -29,7 +40,7 @@ def experiment_root(cfg) -> str:
 
 
 def default_exp_name(cfg, mode: str) -> str:
-    if mode == "pretrain":
+    if RECIPES[mode].shares_pretrain_name:
         return "pretrain"
     return f"{cfg.dataset.lower()}_{cfg.prune_reg}_{cfg.stg_id}_{cfg.k}"
 
@@ -41,28 +52,94 @@ def run_dir(cfg, mode: Optional[str] = None, exp_name: Optional[str] = None) -> 
         exp_name = cfg.exp_name
     name = exp_name or default_exp_name(cfg, mode)
     root = experiment_root(cfg)
-    return os.path.join(root, name) if mode == "pretrain" else os.path.join(root, name, mode)
+    return os.path.join(root, name) if RECIPES[mode].shares_pretrain_name else os.path.join(root, name, mode)
 
 
 def checkpoint_path(directory: str, which: str = "best") -> str:
     """which: best, last, best_dense or last_dense."""
-    stem = {"best": "model_best", "last": "checkpoint", "best_dense": "model_best_dense",
-            "last_dense": "checkpoint_dense"}[which]
-    return os.path.join(directory, "checkpoint", f"{stem}.pth.tar")
+    return os.path.join(directory, "checkpoint", f"{CHECKPOINT_STEMS[which]}.pth.tar")
 
 
 def source_checkpoint(cfg) -> Optional[str]:
-    """Where this stage starts from: --source-net, else the previous stage's best checkpoint.
-
-    A finetune with --scaled-score-init starts from the pretrained net (Hydra's LWM baseline: magnitude
-    masks without a prune stage). Pretrain has no source.
-    """
+    """Where this stage starts from: --source-net, else the best checkpoint of the mode its recipe starts from
+    (a pretrain run is shared by every name; a later stage reads the run of the same --exp-name)."""
     if cfg.source_net:
         return cfg.source_net
-    spec = MODES[cfg.exp_mode]
-    if spec.source_mode is None:
+    source_mode = RECIPES[cfg.exp_mode].starts_from
+    if source_mode is None:
         return None
-    if spec.stage == "finetune" and cfg.scaled_score_init:
-        return checkpoint_path(run_dir(cfg, "pretrain", exp_name="pretrain"))
-    exp_name = "pretrain" if spec.source_mode == "pretrain" else cfg.exp_name
-    return checkpoint_path(run_dir(cfg, spec.source_mode, exp_name=exp_name))
+    exp_name = "pretrain" if RECIPES[source_mode].shares_pretrain_name else cfg.exp_name
+    return checkpoint_path(run_dir(cfg, source_mode, exp_name=exp_name))
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def evaluated_checkpoint(cfg) -> str:
+    """The checkpoint test.py evaluates: --source-net, else the run's --checkpoint (best, last, *_dense)."""
+    if cfg.source_net:
+        if not os.path.isfile(cfg.source_net):
+            raise UserError(f"checkpoint {cfg.source_net} (--source-net) does not exist")
+        return cfg.source_net
+    directory = run_dir(cfg)
+    path = checkpoint_path(directory, cfg.checkpoint)
+    if not os.path.isfile(path):
+        others = [w for w in CHECKPOINT_STEMS
+                  if w != cfg.checkpoint and os.path.isfile(checkpoint_path(directory, w))]
+        hint = (f"; this run has --checkpoint {', '.join(others)}" if others else
+                f"; train it first (python train.py with the same flags and --exp-mode {cfg.exp_mode}) "
+                "or pass --source-net PATH")
+        raise UserError(f"checkpoint {path} does not exist{hint}")
+    return path
+
+
+def eval_dir_for(path: str) -> str:
+    """<run dir>/eval for a checkpoint in <run dir>/checkpoint/, else an eval/ folder beside the file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(folder) == "checkpoint":
+        folder = os.path.dirname(folder)
+    return os.path.join(folder, "eval")
+
+
+def checkpoint_stem(path: str) -> str:
+    name = os.path.basename(path)
+    for suffix in _CHECKPOINT_SUFFIXES:
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def config_differences(stored: Dict, cfg) -> List[str]:
+    """'key: old -> new' for every option that changes what a run computes."""
+    diffs = []
+    for key, value in config_to_dict(cfg).items():
+        opt = OPTION_BY_NAME.get(key)
+        if key in RUNTIME_OPTIONS or (opt is not None and opt.scope == "test") or value is None:
+            continue  # None: derived during set-up (e.g. num_classes from the data)
+        if key in stored and stored[key] != value:
+            diffs.append(f"{key}: {stored[key]!r} -> {value!r}")
+    return diffs
+
+
+def plan_run(cfg, directory: str) -> Optional[Dict]:
+    """Decide before writing anything: None for a fresh start, or the checkpoint to resume from.
+
+    Never overwrites: a finished run, or an unfinished one with different settings, is an error unless
+    --overwrite is given (and then the entry point deletes the old run only once the new one has set up).
+    """
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        if "optimizer" not in ckpt or "epoch" not in ckpt:
+            raise UserError(f"--resume {cfg.resume}: not a training checkpoint (no optimizer state / epoch)")
+        return ckpt
+    last = checkpoint_path(directory, "last")
+    if not os.path.exists(last) or cfg.overwrite:
+        return None
+    ckpt = load_checkpoint(last)
+    if ckpt.get("finished"):
+        raise UserError(f"{directory} already holds a finished run ({ckpt.get('epoch')} epochs); "
+                        "pass --overwrite to replace it or --exp-name NAME for a separate run")
+    diffs = config_differences(ckpt.get("config", {}), cfg)
+    if diffs:
+        raise UserError(f"{directory} holds an unfinished run with other settings ({'; '.join(diffs[:4])}); "
+                        "rerun with the same settings to resume it, or pass --overwrite or --exp-name NAME")
+    return ckpt

@@ -40,7 +40,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from trainers.attacks import L2, LINF, eval_mode, perturbation_norms, project_to_threat
+from trainers.evaluation.apgd import torchattacks_norm
+from trainers.evaluation.registry import ATTACKS, AttackSpec
+from trainers.evaluation.scoring import (PassResult, exceeds_budget, project_and_score, result_entry, score_batches,
+                                         stderr)
+from trainers.threat import ThreatModel, eval_mode, perturbation_norms
 from utils.progress import progress
 from utils.seed import seed_everything
 
@@ -51,9 +55,6 @@ COMPONENT_NAMES = ("apgd-ce", "apgd-t", "fab-t", "square")
 # Official AutoAttack's checks warn when Square lowers robust accuracy by more than this (percentage points)
 # after the white-box attacks: a sign of gradient masking.
 SQUARE_WARNING_PP = 0.2
-# Rounding slack when checking a component's raw output against eps.
-_EPS_SLACK = 1e-5
-
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batches = Iterable[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -86,24 +87,18 @@ class AutoAttackResult:
         return 100.0 * float(self.robust.sum()) / max(self.n, 1)
 
 
-def torchattacks_norm(norm: str) -> str:
-    if norm not in (LINF, L2):
-        raise ValueError(f"AutoAttack supports the linf and l2 threat models, not {norm!r}")
-    return "Linf" if norm == LINF else "L2"
-
-
 def target_classes(num_classes: int) -> int:
     """Official AutoAttack's 9 target classes, or every other class when there are fewer than 10."""
     return min(num_classes - 1, 9)
 
 
-def build_components(model: nn.Module, preset: str, *, norm: str, eps: float, num_classes: int,
+def build_components(model: nn.Module, preset: str, threat: ThreatModel, *, num_classes: int,
                      seed: int) -> List[Component]:
-    """The ensemble of `preset` ('standard' or 'original'), in the order it runs."""
+    """The ensemble of `preset` ('standard' or 'original') against `threat` (its norm and eps), in run order."""
     if preset == "standard":
-        return _standard_components(model, norm, eps, num_classes, seed)
+        return _standard_components(model, threat.norm, threat.eps, num_classes, seed)
     if preset == "original":
-        return _original_components(model, norm, eps, num_classes, seed)
+        return _original_components(model, threat.norm, threat.eps, num_classes, seed)
     raise ValueError(f"unknown AutoAttack preset {preset!r}; choose one of: {', '.join(PRESETS)}")
 
 
@@ -172,20 +167,21 @@ def _wrap(name: str, attack) -> Component:
 
 
 # ----------------------------------------------------------------------------------------------- the run
-def run_autoattack(model: nn.Module, make_batches: Callable[[], Batches], components: List[Component], *,
-                   eps: float, norm: str, clip_min: float = 0.0, clip_max: float = 1.0, batch_size: int = 1000,
-                   seed: int = 0, show_progress: bool = True, keep_adversarial: bool = False,
-                   desc: str = "autoattack") -> AutoAttackResult:
+def run_autoattack(model: nn.Module, make_batches: Callable[[], Batches], components: List[Component],
+                   threat: ThreatModel, *, batch_size: int = 1000, seed: int = 0, show_progress: bool = True,
+                   keep_adversarial: bool = False, desc: str = "autoattack",
+                   clean: Optional[PassResult] = None) -> AutoAttackResult:
     """Official AutoAttack scoring of `components` over every point `make_batches()` yields.
 
     `make_batches` is called once for the clean pass and once per component, and must yield the same
-    points in the same order each time (x in [clip_min, clip_max] and y, on the model's device). The model
+    points in the same order each time (x inside the threat model's box and y, on the model's device). The model
     is in eval mode throughout; every module's mode is restored afterwards. Each component is seeded with
-    `seed` (torch.manual_seed before it starts; torchattacks components also reseed per call).
+    `seed` (torch.manual_seed before it starts; torchattacks components also reseed per call). `clean`: the
+    caller's clean pass over the same batches (with predictions), so the set is not classified twice.
     """
     started = time.time()
     with eval_mode(model):
-        labels, clean_pred = _clean_pass(model, make_batches)
+        labels, clean_pred = _clean_pass(model, make_batches, clean)
         n = labels.numel()
         robust = clean_pred == labels
         clean_correct = robust.clone()
@@ -199,8 +195,7 @@ def run_autoattack(model: nn.Module, make_batches: Callable[[], Batches], compon
             seed_everything(seed)
             comp_started = time.time()
             todo = int(robust.sum())
-            state = _ComponentState(model, component, robust, predictions, eps, norm, clip_min, clip_max,
-                                    keep_adversarial)
+            state = _ComponentState(model, component, robust, predictions, threat, keep_adversarial)
             bar = progress(None, total=todo, desc=f"{desc} {component.name}", enabled=show_progress)
             if todo:
                 offset = 0
@@ -232,10 +227,10 @@ def run_autoattack(model: nn.Module, make_batches: Callable[[], Batches], compon
                                                   broken=state.broken, **component.params)
             log.info("%s: robust accuracy after %s: %.2f%% (%d points attacked, %d broken, %.1fs)", desc,
                      component.name, acc, todo, state.broken, seconds)
-            if state.max_raw_perturbation > eps * (1 + _EPS_SLACK) + _EPS_SLACK:
+            if exceeds_budget(state.max_raw_perturbation, threat.eps):
                 log.warning("%s: %s returned a perturbation of norm %.6g > eps %.6g; those points were projected "
                             "back into the threat model before scoring", desc, component.name,
-                            state.max_raw_perturbation, eps)
+                            state.max_raw_perturbation, threat.eps)
         _square_check(per_component, n, desc)
     if keep_adversarial and adversarial is None:
         adversarial = _clean_copy(make_batches)
@@ -247,10 +242,10 @@ def run_autoattack(model: nn.Module, make_batches: Callable[[], Batches], compon
 class _ComponentState:
     """Bookkeeping of one component: runs it on a full batch of survivors and updates the shared flags."""
 
-    def __init__(self, model, component: Component, robust, predictions, eps, norm, clip_min, clip_max, keep):
+    def __init__(self, model, component: Component, robust, predictions, threat: ThreatModel, keep):
         self.model, self.component, self.robust, self.predictions = model, component, robust, predictions
         self.keep = keep
-        self.eps, self.norm, self.clip_min, self.clip_max = eps, norm, clip_min, clip_max
+        self.threat = threat
         self.broken = 0
         self.max_perturbation = 0.0
         self.max_raw_perturbation = 0.0
@@ -270,11 +265,10 @@ class _ComponentState:
         x_raw = self.component.attack(x, y).detach()
         if x_raw.shape != x.shape:
             raise RuntimeError(f"{self.component.name} returned shape {tuple(x_raw.shape)} for input {tuple(x.shape)}")
-        self.max_raw_perturbation = max(self.max_raw_perturbation,
-                                        float(perturbation_norms(x_raw, x, self.norm).max()))
-        x_adv = project_to_threat(x_raw, x, self.eps, self.norm, self.clip_min, self.clip_max)
-        with torch.no_grad():
-            pred = self.model(x_adv).argmax(dim=1)
+        scored = project_and_score(self.model, x_raw, x, self.threat)
+        self.max_raw_perturbation = max(self.max_raw_perturbation, float(scored.raw_norm))
+        x_adv = scored.x_adv
+        pred = scored.logits.argmax(dim=1)
         fooled = (pred != y).cpu()
         if bool(fooled.any()):
             hit = index[fooled]
@@ -283,25 +277,20 @@ class _ComponentState:
             self.broken += int(fooled.sum())
             self.max_perturbation = max(self.max_perturbation,
                                         float(perturbation_norms(x_adv[fooled.to(x.device)], x[fooled.to(x.device)],
-                                                                 self.norm).max()))
+                                                                 self.threat.norm).max()))
             if self.keep:
                 self.adversarial.append((hit, x_adv[fooled.to(x.device)].cpu()))
 
 
-def _clean_pass(model: nn.Module, make_batches) -> Tuple[torch.Tensor, torch.Tensor]:
-    labels, preds = [], []
-    first = True
-    with torch.no_grad():
-        for x, y in make_batches():
-            logits = model(x)
-            if first:
-                _check_model_output(model, x, logits)
-                first = False
-            labels.append(y.cpu())
-            preds.append(logits.argmax(dim=1).cpu())
-    if not labels:
+def _clean_pass(model: nn.Module, make_batches, clean: Optional[PassResult]) -> Tuple[torch.Tensor, torch.Tensor]:
+    x, _ = next(iter(make_batches()), (None, None))
+    if x is None:
         raise ValueError("AutoAttack got no examples to evaluate")
-    return torch.cat(labels), torch.cat(preds)
+    with torch.no_grad():
+        _check_model_output(model, x, model(x))
+    if clean is None:
+        clean = score_batches(model, make_batches(), collect=True, desc="autoattack clean", show_progress=False)
+    return clean.labels, clean.predictions
 
 
 def _check_model_output(model, x, logits) -> None:
@@ -332,3 +321,23 @@ def _square_check(per_component: Dict[str, Dict[str, Any]], n: int, desc: str) -
         log.warning("%s: Square (black-box) lowered robust accuracy by %.2f points after the white-box attacks "
                     "(%.2f%% -> %.2f%%): the gradients may be unreliable (gradient masking)", desc,
                     before - after, before, after)
+
+
+# ----------------------------------------------------------------------------------------------- registration
+def autoattack_entry(model: nn.Module, make_batches: Callable[[], Batches], settings, clean: PassResult) -> Dict[str, Any]:
+    """test.py's `autoattack`: the preset's ensemble over the whole set, as one result entry."""
+    components = build_components(model, settings.preset, settings.threat, num_classes=settings.num_classes,
+                                  seed=settings.seed)
+    result = run_autoattack(model, make_batches, components, settings.threat, batch_size=settings.aa_batch_size,
+                            seed=settings.seed, show_progress=settings.show_progress, clean=clean)
+    per_component = {name: dict(comp, stderr=stderr(comp["robust_acc"], result.n))
+                     for name, comp in result.per_component.items()}
+    params = {"preset": settings.preset, "version": "standard", "batch_size": settings.aa_batch_size,
+              "seed": settings.seed, "components": list(result.per_component), "per_component": per_component}
+    return result_entry(settings, clean.labels, result.predictions, result.seconds, params,
+                        max_perturbation=result.max_perturbation, clean_acc=result.clean_acc)
+
+
+ATTACKS.add("autoattack", AttackSpec(
+    "autoattack", "AutoAttack (APGD-CE, APGD-T, FAB-T, Square) over the whole set; --attack-preset standard|original",
+    lambda s: {}, run=autoattack_entry))

@@ -1,0 +1,179 @@
+"""Stage set-up: the one place that wires data, a model, its masks and the training parts together from a resolved
+Config and its recipe (configs/recipes.py). train.py, test.py and scripts/benchmark.py all build through here.
+
+Layer 5 like the entry points (it may import every package); library packages never import it.
+"""
+import logging
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from configs.errors import UserError
+from configs.recipes import RATES, SCORES, SCORES_FROM_SOURCE, WEIGHTS, Recipe, effective_recipe
+from data import DataSource, build_data
+from models import create_model
+from pruning.allocation import allocate_keep_rates
+from pruning.graph import LayerGraph, inspect_layers
+from pruning.init import SCORE_INITS, init_scores_from_weights, init_scores_random, set_keep_rates, tie_rates
+from pruning.loading import check_trained_with, describe_state, load_weights
+from pruning.trainable import set_trainable
+from pruning.wrap import freeze_masks, masked_layers, sparsify
+from strategies import parse_strategy_id, shipped_strategy
+from trainers.evaluation.registry import NATURAL, attack_names, validation_attack_names
+from trainers.objectives import OBJECTIVES
+from trainers.regularizers import HOOKS, REGULARIZERS
+from trainers.training import TRAINERS
+from utils.checkpoint import load_checkpoint, state_dict_of
+from utils.run_dir import source_checkpoint
+
+log = logging.getLogger("stage")
+
+
+def option_choices() -> Dict[str, List[str]]:
+    """The registry-backed CLI choices (configs.schema.REGISTRY_CHOICES), plus the attack names for --help."""
+    return {"trainer": TRAINERS.in_order(), "adv_loss": OBJECTIVES.in_order(),
+            "attack_eval": validation_attack_names(), "attacks": [NATURAL] + attack_names()}
+
+
+# ----------------------------------------------------------------------------------------------- data and model
+def load_data(cfg, device: torch.device) -> DataSource:
+    return build_data(cfg.dataset, data_dir=cfg.data_dir, data_fraction=cfg.data_fraction, download=cfg.download,
+                      seed=cfg.seed, image_dim=cfg.image_dim, workers=cfg.workers, val_split=cfg.val_split).to(device)
+
+
+def example_input(info, device) -> torch.Tensor:
+    return torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device)
+
+
+def build_model(cfg, info, device: torch.device, masked: bool) -> nn.Module:
+    """The dense architecture of `cfg`; with `masked`, every conv/linear masked (k_min = alpha * k)."""
+    model = create_model(cfg.arch, num_classes=cfg.num_classes, in_channels=info.in_channels,
+                         normalize=cfg.normalize, mean=cfg.mean or info.mean, std=cfg.std or info.std,
+                         init_type=cfg.init_type).to(device)
+    if masked:
+        sparsify(model, cfg.prune_reg, keep_min=cfg.alpha * cfg.k)
+    return model
+
+
+def inspect_masked(cfg, model: nn.Module, info, device) -> LayerGraph:
+    """One hook pass over a masked model; under channel granularity it ties the rates of layers that read the
+    same tensor (a block's conv1 and its shortcut)."""
+    graph = inspect_layers(model, example_input(info, device))
+    if cfg.prune_reg == "channel":
+        ties = tie_rates(model, graph.tie_groups)
+        if ties:
+            log.info("channel rates tied to the layer that shares their input: %s", ties)
+    return graph
+
+
+# ----------------------------------------------------------------------------------------------- masks
+def initial_rates(cfg, model: nn.Module) -> Dict[str, float]:
+    """Per-layer start rates of --stg_id: a shipped original list if there is one, else computed from the model."""
+    density, rule = parse_strategy_id(cfg.stg_id)
+    shipped = shipped_strategy(cfg.arch, cfg.prune_reg, cfg.stg_id)
+    if shipped is not None:
+        return shipped
+    return allocate_keep_rates(rule, density, {name: layer.weight for name, layer in masked_layers(model)})
+
+
+def init_pruning_state(cfg, recipe: Recipe, model: nn.Module) -> None:
+    """Fresh scores and rate logits: magnitude scores (--scaled-score-init), random ones (--scores-init-type) or
+    the recipe's own score initialisation; rates from --stg_id (--rate-stg-init) or uniform at --k. The recipe
+    decides the defaults of both switches."""
+    if cfg.scaled_score_init:
+        init_scores_from_weights(model)
+    elif cfg.scores_init_type:
+        init_scores_random(model, cfg.scores_init_type)
+    elif recipe.score_init in SCORE_INITS:
+        SCORE_INITS.get(recipe.score_init)(model)
+    if cfg.rate_stg_init:
+        rates, origin = initial_rates(cfg, model), cfg.stg_id
+    else:
+        rates, origin = {name: cfg.k for name, _ in masked_layers(model)}, f"uniform k = {cfg.k}"
+    raised = set_keep_rates(model, rates)
+    if raised:
+        log.warning("start rate at or below k_min = %g for %s; those layers start at k_min", cfg.alpha * cfg.k, raised)
+    log.info("start keep rates (%s): %s", origin,
+             ", ".join(f"{n}={float(l.keep_rate().detach()):.4f}" for n, l in masked_layers(model)))
+
+
+def fit_checkpoint(model: nn.Module, ckpt: Dict, path: str, *, keep_pruning_state: bool, k: float,
+                   **trained_with) -> None:
+    """Fit a loaded checkpoint's weights to `model` (pruning.loading), refusing one trained with other
+    `trained_with` settings (arch, dataset)."""
+    check_trained_with(ckpt, path, **trained_with)
+    load_weights(model, state_dict_of(ckpt, path), path, keep_pruning_state=keep_pruning_state, uniform_keep=k)
+
+
+def load_checkpoint_into(model: nn.Module, path: str, device, *, keep_pruning_state: bool, k: float,
+                         **trained_with) -> Dict:
+    """Read `path` and fit its weights to `model`; returns the checkpoint."""
+    ckpt = load_checkpoint(path, map_location=device)
+    fit_checkpoint(model, ckpt, path, keep_pruning_state=keep_pruning_state, k=k, **trained_with)
+    return ckpt
+
+
+def start_from_source(cfg, recipe: Recipe, model: nn.Module, device) -> None:
+    """Load the stage's source checkpoint (the recipe's `starts_from` run, or --source-net) and set up the masks:
+    kept from the source when the recipe says so, else initialised afresh on the loaded weights."""
+    path = source_checkpoint(cfg)
+    if path is None:
+        if recipe.masked:
+            init_pruning_state(cfg, recipe, model)
+        return
+    if not os.path.exists(path):
+        hint = "" if cfg.source_net else f" (run the {recipe.starts_from} stage first, or pass --source-net PATH)"
+        raise UserError(f"source checkpoint {path} does not exist{hint}")
+    from_source = recipe.masked and recipe.score_init == SCORES_FROM_SOURCE
+    ckpt = load_checkpoint(path, map_location=device)
+    if from_source and not describe_state(state_dict_of(ckpt, path)).has_scores:
+        raise UserError(f"the source checkpoint {path} has no pruning scores; run the {recipe.starts_from} "
+                        "stage first, or finetune magnitude masks from a dense model with --exp-mode lwm_finetune")
+    fit_checkpoint(model, ckpt, path, keep_pruning_state=from_source, k=cfg.k, arch=cfg.arch, dataset=cfg.dataset)
+    log.info("loaded source %s%s", path, f" (epoch {ckpt['epoch']})" if "epoch" in ckpt else "")
+    if recipe.masked and not from_source:
+        init_pruning_state(cfg, recipe, model)
+
+
+# ----------------------------------------------------------------------------------------------- training parts
+@dataclass
+class TrainingParts:
+    """What a training run steps besides the model: the loop, the optimizer and the recipe's extras."""
+    recipe: Recipe
+    loop: object
+    optimizer: torch.optim.Optimizer
+    regularizers: Dict[str, object]
+    hooks: Dict[str, object]
+
+    def stateful(self) -> Dict[str, object]:
+        """Every part with state to checkpoint (a `state_dict` method), by the checkpoint key it declares."""
+        parts = [self.loop, *self.regularizers.values(), *self.hooks.values()]
+        return {part.state_key: part for part in parts if hasattr(part, "state_dict")}
+
+
+def set_up_training(cfg, recipe: Recipe, model: nn.Module, graph: Optional[LayerGraph], threat,
+                    device: torch.device) -> TrainingParts:
+    """Trainable parameters and frozen masks as the recipe says (once the model holds its final weights and
+    scores), the loop, the optimizer, regularizers and hooks."""
+    recipe = effective_recipe(recipe, cfg)
+    trains = recipe.trains
+    set_trainable(model, weights=WEIGHTS in trains, scores=SCORES in trains, rates=RATES in trains,
+                  norm_layers=WEIGHTS in trains or not cfg.freeze_bn)
+    regularizers = {name: REGULARIZERS.get(name)(cfg, model, graph) for name in recipe.regularizers}
+    hooks = {name: HOOKS.get(name)(cfg, regularizers) for name in recipe.hooks}
+    loop = TRAINERS.get(cfg.trainer)(cfg, threat, device)
+    if recipe.freeze_masks:
+        freeze_masks(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return TrainingParts(recipe, loop, make_optimizer(cfg, params), regularizers, hooks)
+
+
+def make_optimizer(cfg, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.wd)
+    return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)

@@ -1,0 +1,86 @@
+"""Extra loss terms (regularizers) and per-epoch hooks that a stage recipe names (configs/recipes.py).
+
+A regularizer is a callable returning an unweighted differentiable term; the engine adds `weight * term` to the
+loss at every step and reports the term's mean as `<name>_mean`. A hook runs around each epoch: `before_epoch`
+may set weights and returns metrics for the epoch's record, `after_epoch` sees the finished record. Anything
+with state (`state_dict`/`load_state_dict`) is saved in every checkpoint under the `state_key` it declares and
+restored on resume by the entry point's one generic path, so a new method's state needs no checkpoint code.
+
+Builders: `REGULARIZERS.add(name, builder(cfg, model, graph) -> Regularizer)` and
+`HOOKS.add(name, builder(cfg, regularizers: {name: Regularizer}) -> hook)`.
+"""
+import logging
+from typing import Any, Dict, Protocol
+
+import torch
+
+from pruning.budget import CostModel, GammaSchedule, target_met
+from utils.registry import Registry
+
+log = logging.getLogger(__name__)
+
+REGULARIZERS = Registry("regularizer")
+HOOKS = Registry("epoch hook")
+
+
+class Regularizer(Protocol):
+    name: str          # metrics key of its value
+    weight: float      # multiplies the term in the loss; hooks may change it per epoch
+
+    def __call__(self) -> torch.Tensor: ...
+
+    def measure(self) -> Dict[str, Any]: ...   # end-of-epoch metrics for the epoch's record
+
+
+class HardwareLoss:
+    """HARP's hardware loss max(a / a_target - 1, 0) on the soft cost a of the masked model (harp-spec §5)."""
+
+    name = "hw_loss"
+
+    def __init__(self, cost_model: CostModel, weight: float = 0.0):
+        self.cost_model = cost_model
+        self.weight = weight
+
+    def __call__(self) -> torch.Tensor:
+        return self.cost_model.loss()[0]
+
+    def measure(self) -> Dict[str, Any]:
+        with torch.no_grad():
+            hw, cost = self.cost_model.loss()
+        hw = float(hw)
+        return {"hw_loss": hw, "soft_cost": float(cost), "target_met": target_met(hw)}
+
+
+def _hardware(cfg, model, graph) -> HardwareLoss:
+    cost_model = CostModel(model, graph, cfg.prune_reg, cfg.k)
+    log.info("hardware target a_target = %.6f (%s), current soft a = %.6f", cost_model.target,
+             "keep fraction" if cfg.prune_reg == "weight" else "FLOPs ratio", float(cost_model.soft_cost().detach()))
+    return HardwareLoss(cost_model)
+
+
+class DynamicGamma:
+    """HARP's dynamic gamma: the hardware loss's weight grows by gamma0 per epoch until the target is met."""
+
+    state_key = "gamma"
+
+    def __init__(self, regularizer: HardwareLoss, gamma0: float, dynamic: bool):
+        self.regularizer = regularizer
+        self.schedule = GammaSchedule(gamma0, dynamic)
+
+    def before_epoch(self, epoch: int) -> Dict[str, Any]:
+        self.regularizer.weight = self.schedule.value(epoch)
+        return {"gamma": self.regularizer.weight}
+
+    def after_epoch(self, epoch: int, record: Dict[str, Any]) -> None:
+        self.schedule.end_of_epoch(epoch, record["hw_loss"])
+
+    def state_dict(self) -> Dict:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.schedule.load_state_dict(state)
+
+
+REGULARIZERS.add("hardware", _hardware)
+HOOKS.add("dynamic_gamma", lambda cfg, regularizers: DynamicGamma(regularizers["hardware"], cfg.gamma,
+                                                                  cfg.gamma_dynamic))

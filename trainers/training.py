@@ -1,0 +1,59 @@
+"""Training loops by name (`--trainer`): what one epoch of a stage runs, and the loop's own state.
+
+    base     natural training (the config resolver sets --adv_loss nat)
+    adv      the --adv_loss objective (PGD-AT, TRADES, MART), after --warmup-epochs of --warmup-loss
+    freeadv  Free-AT (Shafahi et al. 2019) with a perturbation that persists across batches and epochs
+
+A loop is built once per run by `TRAINERS.get(name)(cfg, threat, device)`; its `train_epoch(...)` returns the
+epoch's averages. A loop with state (Free-AT's perturbation) has `state_dict`/`load_state_dict` and is saved and
+restored through the same generic checkpoint path as the regularizers and hooks.
+"""
+from typing import Dict
+
+import torch
+
+from trainers.engine import FreePerturbation, train_one_epoch, train_one_epoch_free
+from trainers.objectives import ObjectiveSettings, get_objective
+from trainers.threat import ThreatModel
+from utils.registry import Registry
+
+TRAINERS = Registry("training loop")
+
+
+class ObjectiveLoop:
+    """One optimizer step per batch on an objective's loss (natural, PGD-AT, TRADES, MART, warm-up)."""
+
+    def __init__(self, cfg, threat: ThreatModel, device: torch.device):
+        self.settings = ObjectiveSettings(threat=threat, beta=cfg.beta)
+        self.adv_loss, self.warmup_loss, self.warmup_epochs = cfg.adv_loss, cfg.warmup_loss, cfg.warmup_epochs
+
+    def train_epoch(self, model, attack_model, batches, optimizer, *, epoch: int, **common) -> Dict[str, float]:
+        loss_name = self.warmup_loss if epoch < self.warmup_epochs else self.adv_loss
+        return train_one_epoch(model, attack_model, batches, optimizer, get_objective(loss_name), self.settings,
+                               epoch=epoch, **common)
+
+
+class FreeATLoop:
+    """Free-AT: every batch replayed --n-repeats times, each replay one step of weights and perturbation."""
+
+    state_key = "free_perturbation"
+
+    def __init__(self, cfg, threat: ThreatModel, device: torch.device):
+        self.perturbation = FreePerturbation(threat.eps, threat.clip_min, threat.clip_max)
+        self.n_repeats = cfg.n_repeats
+        self.device = device
+
+    def train_epoch(self, model, attack_model, batches, optimizer, *, epoch: int, **common) -> Dict[str, float]:
+        return train_one_epoch_free(model, batches, optimizer, self.perturbation, n_repeats=self.n_repeats,
+                                    epoch=epoch, **common)
+
+    def state_dict(self) -> Dict:
+        return self.perturbation.state_dict()
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.perturbation.load_state_dict(state, self.device)
+
+
+TRAINERS.add("base", ObjectiveLoop)
+TRAINERS.add("adv", ObjectiveLoop)
+TRAINERS.add("freeadv", FreeATLoop)
