@@ -21,7 +21,7 @@ MODELS = Registry("architecture")
 register_model = MODELS.register
 
 # Imported lazily (they import `register_model` from here); importing registers their builders.
-_ARCHITECTURE_MODULES = ("vgg", "resnet_cifar", "wrn", "resnet_imagenet", "small_cnn")
+_ARCHITECTURE_MODULES = ("vgg", "resnet_cifar", "wrn", "resnet_imagenet", "small_cnn", "hydra_cnn")
 
 
 def _register_architectures() -> None:

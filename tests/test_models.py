@@ -30,7 +30,7 @@ def _inputs(name: str, in_channels: int = 3, batch: int = BATCH) -> torch.Tensor
 
 def test_registered_names():
     assert list_models() == sorted(["vgg16_bn", "resnet18", "wrn_28_4", "wrn_28_10", "wrn_34_10", "ResNet50",
-                                    "small_cnn"])
+                                    "small_cnn", "cifar_model", "cifar_model_large"])
     assert MODELS.kind == "architecture"
 
 
