@@ -12,16 +12,22 @@ import torch
 import torch.nn as nn
 
 from configs.errors import UserError
-from configs.recipes import RATES, SCORES, SCORES_FROM_SOURCE, WEIGHTS, Recipe, effective_recipe
+from configs.recipes import (MASKS_GATES, RATES, RATES_FROM_MASKS, SCORES, SCORES_FROM_SOURCE, WEIGHTS, Recipe,
+                             effective_recipe)
+from configs.recipes import recipe as mode_recipe
 from data import DataSource, build_data
 from models import create_model
 from pruning.allocation import allocate_keep_rates
+from pruning.gates import tie_gates
+from pruning.budget import CostModel
 from pruning.graph import LayerGraph, inspect_layers
 from pruning.init import SCORE_INITS, init_scores_from_weights, init_scores_random, set_keep_rates, tie_rates
 from pruning.loading import check_trained_with, describe_state, load_weights
+from pruning.masks import kept_channel_count
 from pruning.trainable import set_trainable
 from pruning.wrap import freeze_masks, masked_layers, sparsify
 from strategies import parse_strategy_id, shipped_strategy
+from strategies.files import load_strategy, split_file_strategy
 from trainers.evaluation.registry import NATURAL, attack_names, validation_attack_names
 from trainers.objectives import OBJECTIVES
 from trainers.regularizers import HOOKS, REGULARIZERS
@@ -52,26 +58,52 @@ def build_model(cfg, info, device: torch.device, masked: bool) -> nn.Module:
     """The dense architecture of `cfg`; with `masked`, every conv/linear masked (k_min = alpha * k)."""
     model = create_model(cfg.arch, num_classes=cfg.num_classes, in_channels=info.in_channels,
                          normalize=cfg.normalize, mean=cfg.mean or info.mean, std=cfg.std or info.std,
-                         init_type=cfg.init_type).to(device)
+                         init_type=cfg.init_type, input_size=info.image_size).to(device)
     if masked:
-        sparsify(model, cfg.prune_reg, keep_min=cfg.alpha * cfg.k)
+        sparsify(model, cfg.prune_reg, keep_min=cfg.alpha * cfg.k, kind=mode_recipe(cfg.exp_mode).mask_kind)
     return model
 
 
 def inspect_masked(cfg, model: nn.Module, info, device) -> LayerGraph:
     """One hook pass over a masked model; under channel granularity it ties the rates of layers that read the
-    same tensor (a block's conv1 and its shortcut)."""
+    same tensor (a block's conv1 and its shortcut) and warns about a target that leaves too little."""
     graph = inspect_layers(model, example_input(info, device))
     if cfg.prune_reg == "channel":
-        ties = tie_rates(model, graph.tie_groups)
+        gated = mode_recipe(cfg.exp_mode).mask_kind == MASKS_GATES  # in-train gates: the channels themselves are shared
+        ties = (tie_gates if gated else tie_rates)(model, graph.tie_groups)
         if ties:
-            log.info("channel rates tied to the layer that shares their input: %s", ties)
+            log.info("channel %s tied to the layer that shares their input: %s", "gates" if gated else "rates", ties)
+        warn_about_channel_target(cfg, model, graph)
     return graph
+
+
+# Below this FLOPs fraction a channel-pruned network is too thin to learn anything (0.1 %).
+MIN_CHANNEL_FLOPS = 1e-3
+
+
+def warn_about_channel_target(cfg, model: nn.Module, graph: LayerGraph) -> None:
+    """Channel granularity's k is the kept fraction of each layer's input channels, so the FLOPs target is about
+    k^2: warn when a layer at k keeps fewer channels than there are classes, or under 0.1 % of the FLOPs."""
+    thin = [name for name, layer in masked_layers(model)
+            if kept_channel_count(cfg.k, layer.weight.shape[1]) < min(cfg.num_classes, layer.weight.shape[1])]
+    flops = CostModel(model, graph, "channel", cfg.k).target
+    if thin:
+        log.warning("--k %g with --prune_reg channel keeps fewer input channels than the %d classes in %s: k is the "
+                    "kept fraction of channels per layer (FLOPs about k^2 = %.2g); expect accuracy near chance, or use "
+                    "a larger --k", cfg.k, cfg.num_classes, ", ".join(thin[:4]) + ("..." if len(thin) > 4 else ""),
+                    flops)
+    elif flops < MIN_CHANNEL_FLOPS:
+        log.warning("--k %g with --prune_reg channel targets %.2g of the FLOPs (about k^2): under 0.1 %% is unlikely "
+                    "to train; use a larger --k", cfg.k, flops)
 
 
 # ----------------------------------------------------------------------------------------------- masks
 def initial_rates(cfg, model: nn.Module) -> Dict[str, float]:
-    """Per-layer start rates of --stg_id: a shipped original list if there is one, else computed from the model."""
+    """Per-layer start rates of --stg_id: a strategy file's (FILE:ID), a shipped original list, else computed from
+    the model."""
+    if split_file_strategy(cfg.stg_id) is not None:
+        return load_strategy(cfg.stg_id, arch=cfg.arch, granularity=cfg.prune_reg,
+                             layer_names=[name for name, _ in masked_layers(model)]).rates
     density, rule = parse_strategy_id(cfg.stg_id)
     shipped = shipped_strategy(cfg.arch, cfg.prune_reg, cfg.stg_id)
     if shipped is not None:
@@ -89,7 +121,11 @@ def init_pruning_state(cfg, recipe: Recipe, model: nn.Module) -> None:
         init_scores_random(model, cfg.scores_init_type)
     elif recipe.score_init in SCORE_INITS:
         SCORE_INITS.get(recipe.score_init)(model)
-    if cfg.rate_stg_init:
+    if recipe.rate_init == RATES_FROM_MASKS:  # no rate logits to set (in-train gates)
+        return
+    # A strategy file is only ever named to be used, so it sets the rates in every mode (Heracles' non-uniform
+    # Hydra: score_prune / lwm_finetune, whose recipes start uniform at --k).
+    if cfg.rate_stg_init or split_file_strategy(cfg.stg_id) is not None:
         rates, origin = initial_rates(cfg, model), cfg.stg_id
     else:
         rates, origin = {name: cfg.k for name, _ in masked_layers(model)}, f"uniform k = {cfg.k}"
@@ -163,8 +199,11 @@ def set_up_training(cfg, recipe: Recipe, model: nn.Module, graph: Optional[Layer
     set_trainable(model, weights=WEIGHTS in trains, scores=SCORES in trains, rates=RATES in trains,
                   norm_layers=WEIGHTS in trains or not cfg.freeze_bn)
     regularizers = {name: REGULARIZERS.get(name)(cfg, model, graph) for name in recipe.regularizers}
-    hooks = {name: HOOKS.get(name)(cfg, regularizers) for name in recipe.hooks}
     loop = TRAINERS.get(cfg.trainer)(cfg, threat, device)
+    hook_names = recipe.hooks + tuple(getattr(loop, "hooks", ()))  # the recipe's, then the loop's own (Fast-AT)
+    hooks = {name: HOOKS.get(name)(cfg, regularizers) for name in hook_names}
+    if hasattr(loop, "check_model"):
+        loop.check_model(model)  # a loop that needs a kind of model (CROWN-IBP: a Sequential) refuses others here
     if recipe.freeze_masks:
         freeze_masks(model)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -25,6 +25,9 @@ from configs.schema import config_to_dict
 from pruning.loading import describe_state
 from pruning.wrap import freeze_masks, model_sparsity
 from stage import build_model, fit_checkpoint, load_data, option_choices
+from trainers.evaluation.ap_protocol import AP_PRESET, ap_attacks, ap_config, protocol_record
+from trainers.evaluation.certified import certify_settings
+from trainers.evaluation.minimum_norm import copy_distances_file, fmn_settings
 from trainers.evaluation.registry import EvalSettings, parse_attacks
 from trainers.evaluation.suite import run_suite
 from trainers.threat import LINF, threat_from_config
@@ -119,6 +122,8 @@ def prepare_foreign(cfg, sources, state, path):
 def build_and_load(cfg, info, ckpt, path, device):
     """The evaluated model (fp32, masks frozen): masked when the checkpoint carries scores, else plain."""
     masked = describe_state(state_dict_of(ckpt, path)).has_scores
+    if masked and cfg.k is None:
+        raise UserError(f"checkpoint {path} holds pruning scores but no config: pass --k (and --alpha) as in training")
     model = build_model(cfg, info, device, masked=masked).float()
     fit_checkpoint(model, ckpt, path, keep_pruning_state=True, k=cfg.k)
     if masked:
@@ -144,6 +149,9 @@ def summary_lines(result: Dict) -> List[str]:
         note = ""
         if "per_component" in entry:
             note = " > ".join(f"{c} {v['robust_acc']:.2f}" for c, v in entry["per_component"].items())
+        elif "median_distance" in entry:
+            median = entry["median_distance"]
+            note = f"median distance {'inf' if median is None else format(median, '.4g')}"
         lines.append(row(name, f"{entry['eps']:g}", entry["robust_acc"], entry["stderr"], entry.get("balanced_acc"),
                          note))
     for point in result.get("security_curve", []):
@@ -176,6 +184,10 @@ def evaluate_checkpoint(argv: List[str]) -> Tuple[Dict, str]:
     data = load_data(cfg, device)
     info = data.info
     cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or info.num_classes)
+    ap_deviations = None
+    if cfg.attack_preset == AP_PRESET:  # the benchmark's threat model, points and batches
+        cfg, ap_deviations = ap_config(cfg, sources)
+        attacks = ap_attacks(cfg.attacks)
     model = build_and_load(cfg, info, ckpt, path, device)
     sparsity = model_sparsity(model)
     log.info("%s %s, %s: kept %d of %d prunable weights (%.4f%%, sparsity %.4f%%)", cfg.arch, cfg.exp_mode,
@@ -196,8 +208,10 @@ def evaluate_checkpoint(argv: List[str]) -> Tuple[Dict, str]:
     n = data.test_count(cfg.n_examples)
     if cfg.n_examples and cfg.n_examples > n:
         log.warning("--n-examples %d: the test set has only %d examples", cfg.n_examples, n)
+    stem = os.path.join(out_dir, f"{checkpoint_stem(path)}_{cfg.attack_preset}")  # the result JSON without .json
     settings = EvalSettings(threat=threat, seed=cfg.seed, num_classes=cfg.num_classes, preset=cfg.attack_preset,
-                            aa_batch_size=aa_batch, balanced=cfg.dataset == "SVHN", show_progress=not cfg.no_progress)
+                            aa_batch_size=aa_batch, balanced=cfg.dataset == "SVHN", show_progress=not cfg.no_progress,
+                            **fmn_settings(cfg, data, stem), **certify_settings(cfg))
     log.info("evaluating %d examples of %s: %s (eps %g, %s, step %g, seed %d, preset %s)", n, cfg.dataset,
              ", ".join(attacks), threat.eps, threat.norm, threat.step_size, cfg.seed, cfg.attack_preset)
     suite = run_suite(model, lambda: data.test_batches(batch, limit=cfg.n_examples), attacks, settings,
@@ -219,6 +233,9 @@ def evaluate_checkpoint(argv: List[str]) -> Tuple[Dict, str]:
     result["attacks"] = suite["attacks"]
     if "security_curve" in suite:
         result["security_curve"] = suite["security_curve"]
+    result["gradient_masking"] = suite["gradient_masking"]
+    if ap_deviations is not None:
+        result["protocol"] = protocol_record(suite, seed=cfg.seed, deviations=ap_deviations)
     result.update({
         "sparsity": sparsity,
         "seconds": suite["seconds"], "natural_seconds": suite["natural_seconds"],
@@ -226,14 +243,19 @@ def evaluate_checkpoint(argv: List[str]) -> Tuple[Dict, str]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "config": config_to_dict(cfg),
+        "train_config": ckpt.get("config") if own else None,  # what the model was trained with (tables group by it)
     })
     for line in summary_lines(result):
         log.info(line)
-    target = os.path.join(out_dir, f"{checkpoint_stem(path)}_{cfg.attack_preset}.json")
+    if "protocol" in result:
+        log.info("AP benchmark numbers (clean and AutoAttack in percent, HO-FMN a fraction): %s",
+                 result["protocol"]["numbers"])
+    target = f"{stem}.json"
     write_json(target, result)
     log.info("results: %s", target)
     if cfg.results_file:
         write_json(cfg.results_file, result)
+        copy_distances_file(result, out_dir, os.path.dirname(os.path.abspath(cfg.results_file)))
         log.info("results: %s", cfg.results_file)
     return result, target
 

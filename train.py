@@ -19,20 +19,21 @@ import yaml
 
 from configs.cli import describe_overrides, resolve_config
 from configs.errors import UserError
-from configs.recipes import BEST_ONCE_TARGET_MET, RECIPES, effective_recipe
+from configs.recipes import BEST_ONCE_TARGET_MET, RATES, RECIPES, effective_recipe
 from configs.schema import config_to_dict
-from pruning.wrap import dense_state_dict, freeze_masks, sparsity_report
+from pruning.wrap import dense_state_dict, freeze_masks, masked_layers, sparsity_report
 from stage import (build_model, fit_checkpoint, inspect_masked, load_checkpoint_into, load_data, option_choices,
                    set_up_training, start_from_source)
 from strategies import parse_strategy_id
+from strategies.files import keep_rates_from_sparsity, save_strategies, split_file_strategy
 from trainers.evaluation.scoring import accuracies
-from trainers.evaluation.validation import validate
+from trainers.evaluation.validation import validate, validation_options
 from trainers.threat import threat_from_config
-from utils.checkpoint import FORMAT_VERSION, save_atomic
+from utils.checkpoint import FORMAT_VERSION, load_checkpoint, save_atomic
 from utils.device import resolve_device
 from utils.distributed import DistContext, all_reduce_sums, barrier, broadcast_flag, init_distributed, shutdown
 from utils.logging import buffer_logging, setup_logging, write_jsonl
-from utils.run_dir import checkpoint_path, plan_run, run_dir
+from utils.run_dir import checkpoint_path, finished_with_same_settings, plan_run, run_dir
 from utils.schedules import lr_at_epoch
 from utils.seed import epoch_seed, rng_state, seed_everything
 from utils.versions import versions
@@ -51,7 +52,7 @@ class Run:
         if cfg.batch_size % ctx.world_size:
             raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {ctx.world_size} processes")
         self.local_batch = cfg.batch_size // ctx.world_size  # --batch-size is the global batch
-        if self.recipe.masked:
+        if self.recipe.masked and split_file_strategy(cfg.stg_id) is None:  # a strategy file is read with the model
             parse_strategy_id(cfg.stg_id)  # names the experiment in every masked mode: reject typos early
         self.total_epochs = cfg.epochs + cfg.warmup_epochs
         self.history: List[Dict] = []
@@ -131,8 +132,7 @@ class Run:
         shard = dict(rank=self.ctx.rank, world_size=self.ctx.world_size)
         batches = (self.data.val_batches(cfg.test_batch_size, **shard) if on_val
                    else self.data.test_batches(cfg.test_batch_size, **shard))
-        sums = validate(self.model, batches, attack_name=None if cfg.val_method == "base" else cfg.attack_eval,
-                        threat=self.validation_threat,
+        sums = validate(self.model, batches, **validation_options(cfg), threat=self.validation_threat,
                         num_batches=self.data.num_batches("val" if on_val else "test", cfg.test_batch_size,
                                                           world_size=self.ctx.world_size),
                         desc=f"{epoch_label} validate", show_progress=self.show_progress)
@@ -244,6 +244,27 @@ class Run:
                 save_atomic(dense, checkpoint_path(self.directory, "best_dense"))
         write_jsonl(os.path.join(self.directory, "metrics.jsonl"), self.history)
 
+    def warn_if_at_chance(self) -> None:
+        """A run whose best natural accuracy is at chance level learned nothing: say so (e.g. a channel k so small
+        that a layer keeps fewer channels than there are classes)."""
+        accuracies = [r["natural_acc"] for r in self.history if "natural_acc" in r]
+        chance = 100.0 / self.cfg.num_classes
+        if accuracies and max(accuracies) <= 1.5 * chance:
+            log.warning("the best natural accuracy of this run, %.2f%%, is at chance level (%.1f%% for %d classes): "
+                        "the model learned nothing useful%s", max(accuracies), chance, self.cfg.num_classes,
+                        "; with --prune_reg channel, k is the kept fraction of channels per layer (FLOPs about k^2): "
+                        "try a larger --k" if self.recipe.masked and self.cfg.prune_reg == "channel" else "")
+
+    def export_strategy(self) -> str:
+        """Write the best checkpoint's kept fraction per layer as a strategy file in the run directory (a run whose
+        recipe learns rates, e.g. HARP), so `--stg_id <file>:<exp_mode>` starts another run, e.g. Hydra, from it."""
+        rates = keep_rates_from_sparsity(load_checkpoint(checkpoint_path(self.directory, "best"))["sparsity"])
+        path = save_strategies(os.path.join(self.directory, "strategy.yaml"), {self.cfg.exp_mode: rates},
+                               arch=self.cfg.arch, granularity=self.cfg.prune_reg,
+                               layer_names=[name for name, _ in masked_layers(self.model)], overwrite=True)
+        log.info("learned per-layer keep rates: --stg_id %s:%s", path, self.cfg.exp_mode)
+        return str(path)
+
     def check_target_reached(self) -> None:
         """A run whose best checkpoint needs the hardware target, and never reached it, has nothing to finetune."""
         if self.recipe.best_when != BEST_ONCE_TARGET_MET or any(r.get("target_met") for r in self.history):
@@ -286,7 +307,7 @@ def plan_on_all_ranks(cfg, directory: str, ctx: DistContext, device: torch.devic
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ctx = DistContext()
+    ctx, run = DistContext(), None
     try:
         cfg, sources = resolve_config(argv, "train", "train.py", choices=option_choices())
         buffer_logging(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
@@ -295,6 +316,10 @@ def main(argv=None) -> int:
         log.info("run directory: %s%s", run.directory, f" ({ctx.world_size} processes)" if ctx.enabled else "")
         for line in describe_overrides(sources, cfg):
             log.debug("config: %s", line)
+        if cfg.skip_finished and not (cfg.evaluate or cfg.overwrite) and finished_with_same_settings(cfg, run.directory):
+            print(f"train.py: {run.directory} already holds this finished run; skipped (--skip-finished)",
+                  file=sys.stderr)
+            return 0
         resume_ckpt = None if cfg.evaluate else plan_on_all_ranks(cfg, run.directory, ctx, run.device)
         run.setup(resume_ckpt)  # everything that can fail on bad input fails here, before anything is written
         writes = ctx.is_main and not cfg.evaluate
@@ -314,19 +339,30 @@ def main(argv=None) -> int:
             with open(os.path.join(run.directory, "config.yaml"), "w") as fh:
                 yaml.safe_dump(config_to_dict(run.cfg), fh, sort_keys=True)
         run.run_epochs()
+        run.warn_if_at_chance()
         run.check_target_reached()
+        if writes and RATES in run.recipe.trains:
+            run.export_strategy()
         log.info("done: %s (best %s %.2f%%)", checkpoint_path(run.directory, "best"), run.selection_metric, run.best)
         return 0
     except UserError as err:
         where = f"[rank {ctx.rank}] " if ctx.enabled and not ctx.is_main else ""  # a rank-local problem must show
         print(f"train.py: error: {where}{err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        setup_logging(None)
+        done = run.history[-1]["epoch"] if run is not None and run.history else 0
+        print(f"train.py: interrupted after epoch {done}; rerun the same command to resume", file=sys.stderr)
+        raise
     except BaseException:
-        setup_logging(None)  # a bug or an interrupt: show what was logged before the traceback
+        setup_logging(None)  # a bug: show what was logged before the traceback
         raise
     finally:
         shutdown(ctx)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # main() said where it stopped; no traceback for Ctrl-C
+        sys.exit(130)

@@ -1,6 +1,6 @@
 """Command line + YAML presets -> one resolved, validated `Config`.
 
-Precedence, lowest first (DESIGN.md §2):
+Precedence, lowest first (README "Configuration"):
   1. built-in defaults (configs/schema.py),
   2. the dataset preset configs/config-<dataset>.yml: its top level, then its `per_mode` section for the
      run's stage (`prune`/`finetune`/`pretrain`) and exact mode, then its `per_loss` section for --adv_loss,
@@ -13,7 +13,9 @@ Options backed by a registry of a higher layer (attacks, training objectives: sc
 choices from the entry point (`choices=`), so a new attack or objective needs no edit here.
 """
 import argparse
+import difflib
 import os
+import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
@@ -40,7 +42,20 @@ _GROUP_TITLES = {
 
 
 class _Parser(argparse.ArgumentParser):
+    """One-line errors, no prefix abbreviations (`--epoch 5` is not `--epochs 5`), "did you mean" for typos."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message):  # one line, no usage dump: the caller prints it and exits non-zero
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            flags = [a.split("=")[0] for a in unknown.group(1).split() if a.startswith("--")]
+            known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            hints = [f"{flag} -> {close[0]}" for flag in flags for close in [difflib.get_close_matches(flag, known, 1)]
+                     if close]
+            if hints:
+                message += f" (did you mean: {'; '.join(hints)}?)"
         raise UserError(message)
 
 
@@ -53,11 +68,13 @@ def preset_path(dataset: str) -> str:
     return os.path.join(PRESET_DIR, f"config-{dataset.lower()}.yml")
 
 
-def build_parser(prog: str, scope: str, description: str = "", choices: Choices = None) -> argparse.ArgumentParser:
+def build_parser(prog: str, scope: str, description: str = "", choices: Choices = None,
+                 resolved: Optional[Dict[str, str]] = None, add_help: bool = True) -> argparse.ArgumentParser:
     """Flags for every option in `scope` ('train' or 'test'); only flags actually given are returned.
-    `choices`: names of the registry-backed options, shown in their help."""
+    `choices`: names of the registry-backed options, shown in their help; `resolved`: what the preset and config
+    layers set for this dataset and mode, shown next to the built-in default."""
     choices = with_modes(choices)
-    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS, add_help=add_help)
     groups = {}
     for opt in OPTIONS:
         if opt.scope not in ("both", scope):
@@ -73,6 +90,8 @@ def build_parser(prog: str, scope: str, description: str = "", choices: Choices 
             help_text += f" {{{', '.join(listed)}}}"
         if opt.default is not None and opt.kind not in (FLAG, TRISTATE):
             help_text += f" (default: {opt.default})"
+        if resolved and opt.name in resolved:
+            help_text += f" [here: {resolved[opt.name]}]".replace("%", "%%")
         if opt.kind in (FLAG, TRISTATE):
             if opt.name.startswith("no_"):
                 group.add_argument(primary, dest=opt.name, action="store_true", help=help_text)
@@ -141,10 +160,32 @@ def _layers(data: Dict[str, Any], mode: str, adv_loss: str, name: str) -> List[T
 
 
 def resolve_config(argv: Sequence[str], scope: str, prog: str, choices: Choices = None) -> Tuple[Config, Dict[str, str]]:
-    """Parse `argv` and merge it with the presets; returns the Config and where each value came from."""
+    """Parse `argv` and merge it with the presets; returns the Config and where each value came from.
+    With -h/--help, the help shows what the chosen dataset preset and mode set, then the process exits."""
     choices = with_modes(choices)
+    if "-h" in argv or "--help" in argv:
+        build_parser(prog, scope, choices=choices, resolved=_preset_values(argv, scope, prog, choices)).parse_args(
+            list(argv))
     cli = {k: v for k, v in vars(build_parser(prog, scope, choices=choices).parse_args(list(argv))).items()}
-    cli = {k: coerce_value(k, v, "the command line", choices) for k, v in cli.items()}
+    values, sources = _merge({k: coerce_value(k, v, "the command line", choices) for k, v in cli.items()}, choices)
+    _check_consistency(values, sources, scope)
+    return Config(**values), sources
+
+
+def _preset_values(argv: Sequence[str], scope: str, prog: str, choices: Choices) -> Dict[str, str]:
+    """For --help: 'value from source' of every option a preset or config layer sets for the given dataset/mode."""
+    try:
+        known, _ = build_parser(prog, scope, choices=choices, add_help=False).parse_known_args(
+            [a for a in argv if a not in ("-h", "--help")])
+        values, sources = _merge({k: coerce_value(k, v, "the command line", choices) for k, v in vars(known).items()},
+                                 choices)
+    except UserError:
+        return {}
+    return {k: f"{values[k]} from {src}" for k, src in sources.items() if src not in ("default", "command line")}
+
+
+def _merge(cli: Dict[str, Any], choices: Choices) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """Defaults < preset (top, stage, mode, loss sections) < --configs file (same order) < command line."""
     user = load_yaml_config(cli["configs"], "config file", choices) if cli.get("configs") else {}
 
     def first_set(name: str, *layers: Dict[str, Any]):
@@ -173,8 +214,7 @@ def resolve_config(argv: Sequence[str], scope: str, prog: str, choices: Choices 
             sources[key] = source
     values["dataset"], values["exp_mode"], values["adv_loss"] = dataset, mode, adv_loss
     _fill_mode_defaults(values, sources)
-    _check_consistency(values, sources)
-    return Config(**values), sources
+    return values, sources
 
 
 def recipe_defaults(spec: Recipe) -> Dict[str, bool]:
@@ -197,7 +237,7 @@ def _fill_mode_defaults(values: Dict[str, Any], sources: Dict[str, str]) -> None
         values["adv_loss"], sources["adv_loss"] = "nat", "trainer base"
 
 
-def _check_consistency(values: Dict[str, Any], sources: Dict[str, str]) -> None:
+def _check_consistency(values: Dict[str, Any], sources: Dict[str, str], scope: str) -> None:
     for name in ("conv_k", "shortcut_k", "fc_k"):
         if values[name] is not None:
             raise UserError(f"--{name} is not supported: per-layer start rates come from --stg_id "
@@ -208,6 +248,9 @@ def _check_consistency(values: Dict[str, Any], sources: Dict[str, str]) -> None:
         raise UserError(f"clip_min ({values['clip_min']}) must be below clip_max ({values['clip_max']})")
     if values["trainer"] == "freeadv" and values["adv_loss"] not in ("pgd", "nat") and sources["adv_loss"] != "default":
         raise UserError(f"--trainer freeadv uses its own Free-AT objective; --adv_loss {values['adv_loss']} does not apply")
+    if RECIPES[values["exp_mode"]].masked and values["k"] is None and not (scope == "test" and values["source_net"]):
+        raise UserError(f"--k is required in {values['exp_mode']}: the fraction of weights to keep (e.g. --k 0.01 "
+                        "keeps 1 %); no preset sets it")
     if values["arch"] is None:
         raise UserError(f"no --arch given and {os.path.relpath(preset_path(values['dataset']))} sets none")
     if values["std"] is not None and any(v <= 0 for v in values["std"]):

@@ -18,8 +18,12 @@ WEIGHTS, SCORES, RATES = "weights", "scores", "rates"
 # Score initialisation: HARP/Hydra's scaled magnitude init, or kept as loaded from the source (a plug-in may name
 # another one it registers in pruning.init.SCORE_INITS).
 SCORES_MAGNITUDE, SCORES_FROM_SOURCE = "magnitude", "source"
-# Rate initialisation: the --stg_id strategy, uniform at --k, or kept as loaded from the source.
-RATES_STRATEGY, RATES_UNIFORM, RATES_FROM_SOURCE = "strategy", "uniform", "source"
+# Rate initialisation: the --stg_id strategy, uniform at --k, kept as loaded from the source, or none because the
+# masks themselves decide each layer's rate (in-train gates).
+RATES_STRATEGY, RATES_UNIFORM, RATES_FROM_SOURCE, RATES_FROM_MASKS = "strategy", "uniform", "source", "masks"
+# Mask kinds (pruning.layers.MASK_KINDS): HARP/Hydra's top-|score| masks at a keep rate, or in-train pruning's
+# trainable binary gates (pruning/gates.py).
+MASKS_TOPK, MASKS_GATES = "topk", "gates"
 # Best-checkpoint rules: every validated epoch may be best, or only those that meet the hardware target.
 BEST_ANY_EPOCH, BEST_ONCE_TARGET_MET = "any_epoch", "target_met"
 DENSE_METHOD = "dense"  # the table row of unpruned models
@@ -32,6 +36,7 @@ class Recipe:
     method: str                                  # row label in tables and plots
     starts_from: Optional[str] = None            # mode whose best checkpoint this one loads (None: fresh model)
     masked: bool = False                         # the model carries scores and rate logits
+    mask_kind: str = MASKS_TOPK                  # the masked layers' kind (masked modes)
     trains: FrozenSet[str] = frozenset({WEIGHTS})
     score_init: Optional[str] = None             # SCORES_FROM_SOURCE or a pruning.init.SCORE_INITS name (masked)
     rate_init: Optional[str] = None              # RATES_* (masked modes)
@@ -72,6 +77,14 @@ _RECIPES = (
            hooks=("dynamic_gamma",), best_when=BEST_ONCE_TARGET_MET, final=False),
     Recipe("harp_finetune", "finetune", "HARP", starts_from="harp_prune", masked=True, freeze_masks=True,
            score_init=SCORES_FROM_SOURCE, rate_init=RATES_FROM_SOURCE, becomes=_LWM_SPELLING),
+    # In-train pruning (Vemparala et al. 2021): weights and binary gates trained together from random init, the
+    # budget loss driving the kept parameters / FLOPs to --k, a hard projection and frozen gates in the last
+    # --gate-settle-epochs; optionally the weights finetuned under the final masks.
+    Recipe("intrain", "pretrain", "in-train", masked=True, mask_kind=MASKS_GATES, trains=frozenset({WEIGHTS, SCORES}),
+           rate_init=RATES_FROM_MASKS, regularizers=("hardware",), hooks=("dynamic_gamma", "gate_settle"),
+           best_when=BEST_ONCE_TARGET_MET, final=False),
+    Recipe("intrain_finetune", "finetune", "in-train", starts_from="intrain", masked=True, mask_kind=MASKS_GATES,
+           freeze_masks=True, score_init=SCORES_FROM_SOURCE, rate_init=RATES_FROM_SOURCE),
 )
 RECIPES: Dict[str, Recipe] = {r.name: r for r in _RECIPES}
 STAGES = ("pretrain", "prune", "finetune")

@@ -61,14 +61,17 @@ class Config:
     source_net: Optional[str] = opt(None, "checkpoint to start from (default: the matching run of the previous stage)", "experiment")
     resume: Optional[str] = opt(None, "resume training from this checkpoint (interrupted runs resume automatically)", "experiment", scope="train")
     evaluate: bool = opt(False, "evaluate the source checkpoint (natural + validation attack) and exit", "experiment", scope="train")
-    overwrite: bool = opt(False, "delete an existing finished or different run in the same directory and start again", "experiment", scope="train")
+    overwrite: bool = opt(False, "delete an existing finished, interrupted or different run in the same directory and start again from epoch 0", "experiment", scope="train")
+    skip_finished: bool = opt(False, "exit 0 without training when the run directory already holds this finished run (scripts rerun safely)", "experiment", scope="train")
     save_dense: bool = opt(False, "also write *_dense.pth.tar: masks folded into plain weights", "experiment", scope="train")
     seed: int = opt(1234, "seed of every random number generator", "experiment", check=_non_negative, check_text=">= 0")
     # --- pruning
-    k: float = opt(1.0, "target fraction of weights kept (0.01 = 99 % pruned)", "pruning",
+    k: Optional[float] = opt(None, "target fraction of weights kept (0.01 = 99 % pruned); required in pruning modes", "pruning",
                    check=lambda v: 0 < v <= 1, check_text="in (0, 1]")
     prune_reg: str = opt("weight", "mask granularity", "pruning", choices=("weight", "channel"))
-    stg_id: str = opt("010_uni", "initial per-layer keep rates: <density>_<uni|erk|lamp> or 'original'", "pruning")
+    stg_id: str = opt("010_uni", "initial per-layer keep rates: <density>_<uni|erk|lamp>, 'original', or FILE:ID / FILE "
+                      "(a strategy file: our .yaml or Heracles' .json; a file always sets the start rates, in "
+                      "score_prune and lwm_finetune too)", "pruning")
     stg_mode: str = opt("harp", "kept for compatibility (the original ignored it)", "pruning", choices=("harp",))
     alpha: float = opt(0.1, "lower bound of every layer's keep rate as a fraction of k (k_min = alpha*k)", "pruning",
                        check=lambda v: 0 <= v < 1, check_text="in [0, 1)")
@@ -80,6 +83,10 @@ class Config:
     scores_init_type: Optional[str] = opt(None, "random score init when scaled init is off (default: PyTorch's layer init)", "pruning",
                                           choices=("kaiming_normal", "kaiming_uniform", "xavier_uniform", "xavier_normal"))
     freeze_bn: bool = opt(False, "freeze BatchNorm affine parameters in modes that freeze the weights", "pruning")
+    gate_settle_epochs: Optional[int] = opt(None, "in-train pruning: the last N epochs project the gates onto the budget, "
+                                            "freeze them and train only the weights (default: a quarter of --epochs; 0: the "
+                                            "budget loss alone must reach the target)", "pruning",
+                                            check=_non_negative, check_text=">= 0", scope="train")
     conv_k: Optional[List[float]] = opt(None, "not supported: per-layer rates come from --stg_id", "pruning")
     shortcut_k: Optional[List[float]] = opt(None, "not supported: per-layer rates come from --stg_id", "pruning")
     fc_k: Optional[List[float]] = opt(None, "not supported: per-layer rates come from --stg_id", "pruning")
@@ -99,7 +106,7 @@ class Config:
     image_dim: Optional[int] = opt(None, "ImageNet crop size in pixels (default 224)", "data", check=_positive, check_text="> 0")
     workers: Optional[int] = opt(None, "DataLoader worker processes for ImageNet (default min(8, CPUs))", "data", check=_non_negative, check_text=">= 0")
     # --- training
-    trainer: str = opt("adv", "training loop: base (natural), adv (adversarial, see --adv-loss), freeadv (Free-AT)", "training")
+    trainer: str = opt("adv", "training loop: base (natural), adv (adversarial, see --adv-loss), freeadv (Free-AT), fast (Fast-AT)", "training")
     adv_loss: str = opt("pgd", "adversarial training objective", "training")
     epochs: int = opt(100, "training epochs (Free-AT: each epoch replays every batch --n-repeats times)", "training",
                       check=_positive, check_text=">= 1", scope="train")
@@ -114,9 +121,28 @@ class Config:
     warmup_lr: float = opt(0.1, "learning rate during warm-up", "training", check=_positive, check_text="> 0", scope="train")
     warmup_loss: str = opt("nat", "objective during warm-up", "training", choices=("nat", "fgsm", "pgd", "trades"), scope="train")
     n_repeats: int = opt(4, "Free-AT replays per batch", "training", check=_positive, check_text=">= 1", scope="train")
-    val_method: str = opt("adv", "per-epoch validation: base (natural only) or adv/freeadv (natural + --attack_eval)", "training",
-                          choices=("base", "adv", "freeadv"))
+    fast_step: Optional[float] = opt(None, "FGSM step of --trainer fast (default 1.25 * --epsilon, Wong et al. 2020)", "training",
+                                     check=_positive, check_text="> 0", scope="train")
+    overfit_guard: str = opt("warn", "--trainer fast: on catastrophic overfitting (PGD validation accuracy collapses while "
+                             "FGSM training accuracy rises) warn, stop the run before its next epoch, or do nothing", "training",
+                             choices=("warn", "stop", "off"), scope="train")
+    overfit_drop: float = opt(20.0, "drop of PGD validation accuracy below its best so far (percentage points) that "
+                              "counts as a collapse for --overfit-guard", "training", check=_positive, check_text="> 0", scope="train")
+    val_method: str = opt("adv", "per-epoch validation: base (natural only), adv/freeadv (natural + the loop's robust "
+                          "measure: --attack_eval, smoothed accuracy under --trainer smooth, IBP-verified accuracy under "
+                          "crown-ibp), smooth (smoothed classifier, 10 noise draws), ibp (IBP-verified at --epsilon)",
+                          "training", choices=("base", "adv", "freeadv", "smooth", "ibp"))
     attack_eval: str = opt("pgd", "attack used by per-epoch validation", "training", scope="train")
+    noise_std: float = opt(0.25, "randomized smoothing: std of the Gaussian noise on [0, 1] inputs (--trainer smooth, "
+                           "--val-method smooth, test.py's certify)", "training", check=_positive, check_text="> 0")
+    smooth_loss: str = opt("kl", "--trainer smooth's loss: kl (Hydra: CE + beta * KL(clean || noisy)) or gaussian "
+                           "(Cohen et al.: CE on noisy inputs)", "training", choices=("kl", "gaussian"), scope="train")
+    schedule_length: int = opt(0, "CROWN-IBP: epochs over which eps ramps from --starting-epsilon to --epsilon (0, 1: "
+                               "none)", "training", check=_non_negative, check_text=">= 0", scope="train")
+    schedule_start: int = opt(0, "CROWN-IBP: epoch at which the eps ramp starts", "training", check=_non_negative,
+                              check_text=">= 0", scope="train")
+    starting_epsilon: float = opt(0.0, "CROWN-IBP: eps at the start of the ramp", "training", check=_non_negative,
+                                  check_text=">= 0", scope="train")
     val_every: int = opt(1, "validate every N epochs (and always after the last)", "training", check=_positive, check_text=">= 1", scope="train")
     # --- threat model (training, validation and the default of test.py)
     epsilon: float = opt(8 / 255, "perturbation budget", "attack", check=_non_negative, check_text=">= 0")
@@ -138,15 +164,35 @@ class Config:
     compile: bool = opt(False, "torch.compile the model for training", "runtime", scope="train")
     # --- evaluation (test.py)
     attacks: str = opt("all", "comma-separated attacks (or 'all')", "evaluation", scope="test")
-    attack_preset: str = opt("standard", "standard: official AutoAttack settings; original: the HARP paper's torchattacks defaults", "evaluation",
-                             choices=("standard", "original"), scope="test")
+    attack_preset: str = opt("standard", "standard: official AutoAttack settings; original: the HARP paper's torchattacks defaults; "
+                             "ap: the Adversarial Pruning benchmark's protocol (AutoAttack at Linf 0.031 on the first 10,000 "
+                             "test points, HO-FMN on points [2048, 2176), its counting and units)", "evaluation",
+                             choices=("standard", "original", "ap"), scope="test")
     n_examples: Optional[int] = opt(None, "evaluate the first N test examples (default: all)", "evaluation", check=_positive, check_text="> 0", scope="test")
     checkpoint: str = opt("best", "which checkpoint of the run to evaluate", "evaluation", choices=("best", "last", "best_dense", "last_dense"), scope="test")
     results_file: Optional[str] = opt(None, "also write the result JSON here", "evaluation", scope="test")
     eval_batch_size: Optional[int] = opt(None, "batch size of the attacks (default: --test-batch-size; AutoAttack on a GPU: 1000 "
                                          "survivors per batch)", "evaluation", check=_positive, check_text="> 0", scope="test")
+    certify_n0: int = opt(100, "certify: noise draws per point that select the top class (Cohen et al.'s N0)",
+                          "evaluation", check=_positive, check_text="> 0", scope="test")
+    certify_n: int = opt(10000, "certify: noise draws per point that bound its probability (N; PREDICT draws as many)",
+                         "evaluation", check=_positive, check_text="> 0", scope="test")
+    certify_alpha: float = opt(0.001, "certify: failure probability of each certificate and of PREDICT's test",
+                               "evaluation", check=lambda v: 0 < v < 1, check_text="in (0, 1)", scope="test")
+    certify_radii: Optional[List[float]] = opt(None, "certify: L2 radii of the certified-accuracy curve (default 0, "
+                                               "0.25, ..., 1.5)", "evaluation", scope="test")
     epsilons: Optional[str] = opt(None, "comma-separated budgets for a security curve: PGD (--num-steps steps, step size "
                                   "eps * step_size/epsilon) at each, stored as security_curve in the result JSON", "evaluation", scope="test")
+    fmn_steps: int = opt(100, "fmn: attack steps (--attack-preset ap: the benchmark's 200)", "evaluation",
+                         check=_positive, check_text=">= 1", scope="test")
+    fmn_tune: int = opt(0, "fmn: try N configurations (step size, momentum, optimizer, schedule, loss) on tuning points "
+                        "disjoint from the evaluated ones and keep the one with the smallest median distance (0: FMN's "
+                        "default; --attack-preset ap: 32 trials on test points [0, 64))", "evaluation",
+                        check=_non_negative, check_text=">= 0", scope="test")
+    fmn_tune_search: str = opt("random", "fmn: search of --fmn-tune", "evaluation", choices=("random", "halving"),
+                               scope="test")
+    fmn_tune_points: int = opt(64, "fmn: tuning points: the first N of the held-out split (--val-split > 0), else of "
+                               "the training set", "evaluation", check=_positive, check_text="> 0", scope="test")
 
 
 @dataclass(frozen=True)

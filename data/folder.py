@@ -25,11 +25,8 @@ def find_imagenet_root(data_dir: str) -> str:
     for root in looked:
         if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
             return root
-    where = "\n".join(f"  {os.path.join(r, 'train')} and {os.path.join(r, 'val')}" for r in looked)
-    raise UserError(
-        f"imagenet not found: looked for ImageFolder trees (<split>/<class>/<image>) at\n{where}\n"
-        f"ImageNet cannot be downloaded automatically; point --data-dir at the directory that holds train/ and val/"
-    )
+    raise UserError(f"imagenet not found: no train/ and val/ ImageFolder trees in {' or '.join(looked)}; "
+                    "pass --data-dir DIR (ImageNet cannot be downloaded automatically)")
 
 
 def _image_folder(path: str):

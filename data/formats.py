@@ -37,12 +37,14 @@ class DatasetNotFound(UserError):
     """The dataset's files are not where the reader looks (as opposed to present but unreadable)."""
 
 
-def _missing_error(name: str, looked: Sequence[str], files: Sequence[str], downloadable: bool) -> UserError:
-    where = " or ".join(looked)
-    hint = "pass --download to fetch it there, or point --data-dir" if downloadable else "point --data-dir"
-    return DatasetNotFound(
-        f"{name} not found: looked for {', '.join(files)} in {where}; {hint} at the directory that holds it"
-    )
+def _missing_error(name: str, looked: Sequence[str], files: Sequence[str], downloadable: bool,
+                   exists: Callable[[str, str], bool] = None) -> UserError:
+    """One line: the first file missing from the first candidate directory that exists (a partial download), or
+    the first expected file when none exists, and every directory looked in."""
+    present = [d for d in looked if os.path.isdir(d)]
+    missing = next((f for f in files if not exists(present[0], f)), files[0]) if present and exists else files[0]
+    hint = "pass --download, or --data-dir DIR" if downloadable else "pass --data-dir DIR"
+    return DatasetNotFound(f"{name} not found: no {missing} in {' or '.join(looked)}; {hint}")
 
 
 def _find_dir(candidates: Sequence[str], files: Sequence[str], exists: Callable[[str, str], bool]):
@@ -111,7 +113,7 @@ def read_cifar(name: str, data_dir: str) -> Arrays:
     looked = cifar_dirs(name, data_dir)
     d = _find_dir(looked, train_files + test_files, _plain_exists)
     if d is None:
-        raise _missing_error(name, looked, train_files + test_files, downloadable=True)
+        raise _missing_error(name, looked, train_files + test_files, downloadable=True, exists=_plain_exists)
     parts = [_cifar_batch(os.path.join(d, f), label_key, num_classes) for f in train_files]
     test_x, test_y = _cifar_batch(os.path.join(d, test_files[0]), label_key, num_classes)
     train_x = np.concatenate([p[0] for p in parts])
@@ -144,7 +146,7 @@ def read_svhn(data_dir: str) -> Arrays:
     looked = svhn_dirs(data_dir)
     d = _find_dir(looked, _SVHN_FILES, _plain_exists)
     if d is None:
-        raise _missing_error("SVHN", looked, _SVHN_FILES, downloadable=True)
+        raise _missing_error("SVHN", looked, _SVHN_FILES, downloadable=True, exists=_plain_exists)
     train_x, train_y = _svhn_file(os.path.join(d, _SVHN_FILES[0]))
     test_x, test_y = _svhn_file(os.path.join(d, _SVHN_FILES[1]))
     return train_x, train_y, test_x, test_y

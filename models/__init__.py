@@ -4,6 +4,7 @@ Models are plain `nn.Conv2d`/`nn.Linear`/`nn.BatchNorm2d` networks; `pruning/` s
 Every model takes raw [0, 1] images and applies `self.normalize` first (identity unless normalize=True).
 """
 import importlib
+import inspect
 import logging
 from typing import List, Optional, Sequence
 
@@ -37,7 +38,7 @@ def list_models() -> List[str]:
 
 def create_model(name: str, *, num_classes: int, in_channels: int = 3, normalize: bool = False,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-                 init_type: str = "kaiming_normal") -> nn.Module:
+                 init_type: str = "kaiming_normal", input_size: Optional[int] = None) -> nn.Module:
     """Builds the dense architecture `name`.
 
     Args:
@@ -48,6 +49,8 @@ def create_model(name: str, *, num_classes: int, in_channels: int = 3, normalize
             per input channel. They live in non-persistent buffers, so state-dict keys do not change.
         mean, std: per-channel statistics, ignored unless normalize is True.
         init_type: weight init; vgg16_bn also accepts kaiming_uniform and signed_const.
+        input_size: side of the square input in pixels, for the builders whose layer sizes depend on it
+            (Hydra's cifar_model*: a builder with an `input_size` parameter); ignored by the others.
     """
     _register_architectures()
     builder = MODELS.get(name)
@@ -63,6 +66,9 @@ def create_model(name: str, *, num_classes: int, in_channels: int = 3, normalize
         norm_module = InputNormalize(mean, std)
     elif mean is not None or std is not None:
         _logger.debug("%s: mean/std given without normalize=True; they are ignored", name)
-    model = builder(num_classes=num_classes, in_channels=in_channels, init_type=init_type, normalize=norm_module)
+    takes_size = input_size is not None and "input_size" in inspect.signature(builder).parameters
+    sized = {"input_size": input_size} if takes_size else {}
+    model = builder(num_classes=num_classes, in_channels=in_channels, init_type=init_type, normalize=norm_module,
+                    **sized)
     _logger.debug("built %s with %d parameters", name, sum(p.numel() for p in model.parameters()))
     return model

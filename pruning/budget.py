@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from pruning.graph import LayerGraph
-from pruning.layers import WEIGHT
+from pruning.layers import WEIGHT, MaskedMixin
 from pruning.rates import keep_from_logit
 from pruning.wrap import masked_layers
 
@@ -48,6 +48,7 @@ class CostModel:
         self._weights = torch.tensor(weights, dtype=torch.float64) / sum(weights)
         self._keep_min = torch.tensor([layer.keep_min for layer in self.layers], dtype=torch.float64)
         self._on_device = {}
+        self._from_logits = all(type(layer).keep_rate is MaskedMixin.keep_rate for layer in self.layers)
         self.target = target_keep if granularity == WEIGHT else float(
             self._flops_ratio(torch.full((len(info),), float(target_keep), dtype=torch.float64)))
 
@@ -62,14 +63,24 @@ class CostModel:
         keep_out = torch.cat([keep_in, keep_in.new_tensor([0.0, 1.0])])[consumers].amax(dim=1)
         return (weights * keep_in * keep_out).sum()
 
-    def soft_cost(self) -> torch.Tensor:
-        """The current a (differentiable in every rate logit): keep fraction (weight) or FLOPs ratio (channel)."""
+    def layer_rates(self) -> torch.Tensor:
+        """Every layer's differentiable keep rate k_l, in layer order. HARP's rates all come from rate logits, so
+        they are one vectorised stack; another mask kind (in-train gates) gives each layer's own `keep_rate()`."""
+        if not self._from_logits:
+            return torch.stack([layer.keep_rate() for layer in self.layers])
         logits = torch.stack([layer.k_score for layer in self.layers])
-        weights, keep_min, _ = self._constants(logits)
-        rates = keep_from_logit(logits, keep_min)
+        _, keep_min, _ = self._constants(logits)
+        return keep_from_logit(logits, keep_min)
+
+    def cost_of(self, rates: torch.Tensor) -> torch.Tensor:
+        """a for given per-layer keep rates: keep fraction (weight) or FLOPs ratio (channel)."""
         if self.granularity == WEIGHT:
-            return (weights * rates).sum()
+            return (self._constants(rates)[0] * rates).sum()
         return self._flops_ratio(rates)
+
+    def soft_cost(self) -> torch.Tensor:
+        """The current a (differentiable in every layer's rate): keep fraction (weight) or FLOPs ratio (channel)."""
+        return self.cost_of(self.layer_rates())
 
     def loss(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(L_hw, a): the hinge loss and the current soft cost."""

@@ -1,4 +1,4 @@
-"""Initialising scores and rate logits, and tying rates of layers that share an input (harp-spec §4.4-4.7)."""
+"""Initialising scores and rate logits, and tying rates of layers that share an input (the original HARP code's scaled score init, initialize_stg_rate and map_shortcut_rate)."""
 import math
 from typing import Dict, List, Mapping
 
@@ -20,7 +20,7 @@ def init_scores_from_weights(model: nn.Module) -> None:
 
     weight: s = sqrt(6 / fan_in) * W / max|W|, fan_in = C_in * kh * kw (sign of W kept).
     channel: s_c = sqrt(6) * m_c / max(m), m_c = L1 norm of input channel c's weights. The original took
-    row norms of a memory-order reshape, which mixes output filters (harp-spec §11.1 item 4); we use
+    row norms of a memory-order reshape, which mixes output filters; we use
     true per-input-channel norms and keep its sqrt(6) scale.
     """
     with torch.no_grad():

@@ -15,8 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configs.recipes import MASKS_TOPK
 from pruning.masks import channel_top_mask, kept_channel_count, kept_weight_count, top_mask
 from pruning.rates import keep_from_logit
+from utils.registry import Registry
 
 WEIGHT, CHANNEL = "weight", "channel"
 LEARN, FROZEN = "learn", "frozen"
@@ -92,22 +94,28 @@ class MaskedMixin:
         """The 0/1 mask broadcastable to the weight."""
         return self._mask_and_weight()[0]
 
-    # ---- the cache
+    # ---- the cache (a mask kind overrides `_cache_state`, `_select` and `_straight_through`)
+    def _cache_state(self) -> tuple:
+        """What the mask and W*M depend on: version counters and storage of W, the scores and the rate logit."""
+        return (self.weight._version, self.weight.data_ptr(), self.popup_scores._version,
+                self.popup_scores.data_ptr(), self.k_score._version, self.k_score.data_ptr(), self.keep_min,
+                self.mask_mode)
+
+    def _select(self) -> Tuple[torch.Tensor, int]:
+        """(0/1 mask, kept weight count): the top-|score| entries at the keep rate (runs under no_grad)."""
+        keep = float(self.keep_rate())  # one host sync per layer per optimizer step
+        if self.granularity == WEIGHT:
+            kept = kept_weight_count(keep, self.popup_scores.numel())
+            return top_mask(self.popup_scores, kept), kept  # exactly `kept` ones
+        channels = self.popup_scores.numel()
+        kept_channels = kept_channel_count(keep, channels)
+        return channel_top_mask(self.popup_scores, kept_channels), kept_channels * (self.weight.numel() // channels)
+
     def _mask_and_weight(self) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        key = (self.weight._version, self.weight.data_ptr(), self.popup_scores._version,
-               self.popup_scores.data_ptr(), self.k_score._version, self.k_score.data_ptr(), self.keep_min,
-               self.mask_mode)
+        key = self._cache_state()
         if key != self._cache_key:
             with torch.no_grad():
-                keep = float(self.keep_rate())  # one host sync per layer per optimizer step
-                if self.granularity == WEIGHT:
-                    kept = kept_weight_count(keep, self.popup_scores.numel())
-                    mask = top_mask(self.popup_scores, kept)  # exactly `kept` ones
-                else:
-                    channels = self.popup_scores.numel()
-                    kept_channels = kept_channel_count(keep, channels)
-                    mask = channel_top_mask(self.popup_scores, kept_channels)
-                    kept = kept_channels * (self.weight.numel() // channels)
+                mask, kept = self._select()
                 masked_weight = self.weight * mask if self.mask_mode == LEARN else self.weight
             self._cache, self._cache_key = (mask, masked_weight, kept), key
         return self._cache
@@ -120,6 +128,9 @@ class MaskedMixin:
                 self._grad_hook = self.weight.register_hook(self._mask_gradient)
             return self.weight
         mask, masked_weight, _ = self._mask_and_weight()
+        return self._straight_through(mask, masked_weight)
+
+    def _straight_through(self, mask: torch.Tensor, masked_weight: torch.Tensor) -> torch.Tensor:
         return _StraightThroughMaskedWeight.apply(self.weight, self.popup_scores, self.k_score, self.keep_min,
                                                   mask, masked_weight)
 
@@ -155,10 +166,16 @@ class MaskedLinear(MaskedMixin, nn.Linear):
         return F.linear(x, weight, self.bias)
 
 
-def make_masked(module: nn.Module, granularity: str, keep_min: float) -> nn.Module:
-    """Turn an nn.Conv2d / nn.Linear into its masked class in place (same parameter objects, no copy)."""
+# Mask kinds (a recipe's `mask_kind`): name -> (conv class, linear class); pruning/gates.py adds the in-train gates.
+MASK_KINDS = Registry("mask kind")
+MASK_KINDS.add(MASKS_TOPK, (MaskedConv2d, MaskedLinear))
+
+
+def make_masked(module: nn.Module, granularity: str, keep_min: float, kind: str = MASKS_TOPK) -> nn.Module:
+    """Turn an nn.Conv2d / nn.Linear into its masked class of `kind` in place (same parameter objects, no copy)."""
     if isinstance(module, MaskedMixin):
         raise ValueError("layer is already masked")
-    module.__class__ = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
+    conv, linear = MASK_KINDS.get(kind)
+    module.__class__ = conv if isinstance(module, nn.Conv2d) else linear
     module._attach_mask(granularity, keep_min)
     return module

@@ -1,6 +1,6 @@
 """The one mask implementation: how many entries a keep rate keeps, and which ones.
 
-Counting rules are the original's (harp-spec §4.3), so masks match HARP checkpoints element for element:
+Counting rules are the original HARP code's (GetSubnet), so masks match HARP checkpoints element for element:
 - weight granularity keeps n - floor((1 - k) * n) entries, computed in float32;
 - channel granularity keeps round(k * C_in) input channels (half to even), and never fewer than one
   (the original could zero a whole layer, e.g. RGB input at k < 1/6, which disconnects the network).

@@ -1,4 +1,4 @@
-"""HARP's per-layer keep-rate parametrisation: k_l = sigmoid(r_l) * (1 - k_min) + k_min (harp-spec §4.2)."""
+"""HARP's per-layer keep-rate parametrisation: k_l = sigmoid(r_l) * (1 - k_min) + k_min (the original HARP code's rate_act_func)."""
 import math
 
 import torch

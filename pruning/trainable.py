@@ -1,4 +1,4 @@
-"""The one place that decides which parameters get gradients (harp-spec §3.1)."""
+"""The one place that decides which parameters get gradients (the original's prepare_model per exp-mode, README "Experiment modes")."""
 import torch.nn as nn
 
 from pruning.layers import MaskedMixin

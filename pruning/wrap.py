@@ -4,13 +4,14 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn as nn
 
+from configs.recipes import MASKS_TOPK
 from pruning.layers import MaskedMixin, make_masked
 
 SCORE_KEY, RATE_KEY = "popup_scores", "k_score"
 
 
 def prunable_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """Every conv and linear layer in registration order (HARP prunes all of them, harp-spec §4.6)."""
+    """Every conv and linear layer in registration order (HARP prunes all of them: the original code's SubnetConv/SubnetLinear replace every one)."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
@@ -18,11 +19,12 @@ def masked_layers(model: nn.Module) -> List[Tuple[str, MaskedMixin]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MaskedMixin)]
 
 
-def sparsify(model: nn.Module, granularity: str, keep_min: float) -> List[str]:
-    """Make every conv/linear layer masked, in place; returns their names."""
+def sparsify(model: nn.Module, granularity: str, keep_min: float, kind: str = MASKS_TOPK) -> List[str]:
+    """Make every conv/linear layer masked (mask kind `kind`, pruning.layers.MASK_KINDS), in place; returns their
+    names."""
     names = []
     for name, module in prunable_layers(model):
-        make_masked(module, granularity, keep_min)
+        make_masked(module, granularity, keep_min, kind)
         names.append(name)
     return names
 

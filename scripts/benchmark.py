@@ -21,7 +21,13 @@ Configurations (the same random batch for all of them):
 
 Ratios (each a ratio of medians): R1 = pgd10_at / plain_train, R2 = pgd10_harp_prune / pgd10_plain_frozen_w,
 R3 = finetune_train / plain_train, R4 = forward_dense_export / forward_plain; R4_max_abs_diff = max |logits of
-the masked model - logits of the export|. `paired_round_ratios` (the median of the per-round ratios) is a
+the masked model - logits of the export|.
+
+`compact` (unless --no-compact): the plain model channel-pruned at k = COMPACT_K as lwm_finetune sets it up
+(magnitude scores, every layer at k, residual rates tied, masks frozen), exported by pruning.compact.compact_model;
+its MAC ratio (dense / compact), parameters, max |logit difference| against the masked model, and the eval forward
+of the plain model against the compact one, timed like the others (forward_plain / forward_compact = `speedup`,
+reported next to `mac_ratio`). `paired_round_ratios` (the median of the per-round ratios) is a
 diagnostic that is less sensitive to load bursts on a shared machine. On CUDA also the measured bf16 matmul
 rate (8192^3 probe) and MFU = 23 F * (images/s of pgd10_at) / matmul rate, F = forward FLOPs per image from
 pruning.graph.inspect_layers.
@@ -55,10 +61,11 @@ from configs.recipes import RECIPES  # noqa: E402
 from configs.schema import Config  # noqa: E402
 from data.info import dataset_info, dataset_names  # noqa: E402
 from models import list_models  # noqa: E402
+from pruning.compact import compact_model, count_macs  # noqa: E402
 from pruning.graph import inspect_layers  # noqa: E402
 from pruning.loading import load_weights  # noqa: E402
 from pruning.trainable import set_trainable  # noqa: E402
-from pruning.wrap import dense_state_dict  # noqa: E402
+from pruning.wrap import RATE_KEY, SCORE_KEY, dense_state_dict, freeze_masks  # noqa: E402
 from stage import build_model, init_pruning_state, inspect_masked, make_optimizer, set_up_training  # noqa: E402
 from trainers.threat import ThreatModel  # noqa: E402
 from trainers.training import TRAINERS  # noqa: E402
@@ -74,6 +81,8 @@ THRESHOLDS = {"R1": 8.0, "R2": 1.20, "R3": 1.05, "R4": 1.02}
 # harp_prune as the CIFAR seed command configures it: k 0.01, alpha 0.1, start rates 010_uni, gamma 0.01.
 K, ALPHA, START_KEEP, GAMMA = 0.01, 0.1, 0.10, 0.01
 LR, MOMENTUM, WD = 0.01, 0.9, 5e-4
+# Channel keep rate of the compact export (the AP benchmark's 50 % structured sparsity).
+COMPACT_K = 0.5
 
 
 def _sync(device: torch.device) -> None:
@@ -205,6 +214,49 @@ def export_models(built: Dict, arch: str, device: torch.device):
     return plain, masked, export
 
 
+def compact_models(built: Dict, device: torch.device):
+    """The plain model channel-pruned at COMPACT_K as lwm_finetune sets it up (magnitude scores, uniform rates tied
+    across residual shortcuts, frozen masks) and its compact export, both in eval mode."""
+    info = built["info"]
+    cfg = replace(built["configs"]["harp_finetune"], exp_mode="lwm_finetune", prune_reg="channel", k=COMPACT_K,
+                  scaled_score_init=True, rate_stg_init=False)
+    masked = build_model(cfg, info, device, masked=True)
+    load_weights(masked, built["plain"].state_dict(), "the plain model", keep_pruning_state=False)
+    inspect_masked(cfg, masked, info, device)
+    init_pruning_state(cfg, RECIPES["lwm_finetune"], masked)
+    freeze_masks(masked)
+    masked.eval()
+    example = torch.zeros(1, *built["shape"], device=device)
+    return masked, compact_model(masked, example).to(memory_format=built["memory_format"])
+
+
+def compact_speedup(reference: nn.Module, compact: nn.Module, x: torch.Tensor, *, warmup: int, repeats: int,
+                    device: torch.device) -> Dict:
+    """Eval forwards of `reference` and `compact` on `x`, interleaved: median seconds, images/s and the speed-up."""
+    samples = interleaved({"forward_reference": _forward(reference, x), "forward_compact": _forward(compact, x)},
+                          warmup=warmup, repeats=repeats, device=device)
+    seconds = {name: statistics.median(values) for name, values in samples.items()}
+    return {"seconds": seconds, "samples": samples,
+            "images_per_s": {name: x.shape[0] / value for name, value in seconds.items()},
+            "speedup": seconds["forward_reference"] / seconds["forward_compact"]}
+
+
+def compact_report(built: Dict, plain: nn.Module, x: torch.Tensor, *, warmup: int, repeats: int,
+                   device: torch.device) -> Dict:
+    """The `compact` entry of the result (see the module docstring)."""
+    masked, compact = compact_models(built, device)
+    example = torch.zeros(1, *built["shape"], device=device)
+    macs, compact_macs = count_macs(plain, example), count_macs(compact, example)
+    with torch.no_grad():
+        max_abs_diff = float((masked(x) - compact(x)).abs().max())
+    timing = compact_speedup(plain, compact, x, warmup=warmup, repeats=repeats, device=device)
+    return {"k": COMPACT_K, "prune_reg": "channel", "macs": macs, "compact_macs": compact_macs,
+            "mac_ratio": macs / compact_macs,
+            "params": sum(p.numel() for n, p in masked.named_parameters() if not n.endswith((SCORE_KEY, RATE_KEY))),
+            "compact_params": sum(p.numel() for p in compact.parameters()), "max_abs_diff": max_abs_diff, **timing,
+            "speedup_over_mac_ratio": timing["speedup"] / (macs / compact_macs)}
+
+
 def interleaved(steps: Dict[str, Callable], *, warmup: int, repeats: int, device: torch.device) -> Dict[str, List[float]]:
     """Seconds of each callable over `repeats` rounds after `warmup` untimed rounds; the order rotates per round."""
     names = list(steps)
@@ -226,7 +278,7 @@ def interleaved(steps: Dict[str, Callable], *, warmup: int, repeats: int, device
 
 def run(arch: str = "vgg16_bn", dataset: str = "CIFAR10", batch_size: int = 32, device: str = "cpu", *,
         bf16: bool = False, channels_last: bool = False, compile: bool = False, warmup: int = 2, steps: int = 7,
-        forward_repeats: Optional[int] = None, matmul_probe: bool = True, seed: int = 0) -> Dict:
+        forward_repeats: Optional[int] = None, matmul_probe: bool = True, seed: int = 0, compact: bool = True) -> Dict:
     """Build every configuration, time it, and return the result dict that main() writes as JSON."""
     dev = torch.device(device)  # cudnn.benchmark is left as train.py leaves it (off)
     built = build(arch, dataset, batch_size, dev, bf16=bf16, channels_last=channels_last, compile=compile, seed=seed)
@@ -265,6 +317,9 @@ def run(arch: str = "vgg16_bn", dataset: str = "CIFAR10", batch_size: int = 32, 
         "thresholds_cpu": dict(THRESHOLDS),
         "within_thresholds": {**{k: ratios[k] <= v for k, v in THRESHOLDS.items()}, "R4_max_abs_diff": max_abs_diff == 0},
     }
+    if compact:
+        result["compact"] = compact_report(built, plain, x, warmup=warmup, repeats=forward_repeats or 3 * steps,
+                                           device=dev)
     if dev.type == "cuda" and matmul_probe:
         rate = matmul_tflops(dev)
         achieved = 23.0 * built["forward_flops"] * result["images_per_s"]["pgd10_at"] / 1e12
@@ -285,6 +340,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (>= 2)")
     parser.add_argument("--steps", type=int, default=7, help="timed rounds; each value is their median (>= 5)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-compact", action="store_true", help="skip the compact channel export's speed-up")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.warmup < 2:
@@ -312,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     result = run(args.arch, args.dataset, args.batch_size, args.device, bf16=args.bf16,
                  channels_last=args.channels_last, compile=args.compile, warmup=args.warmup, steps=args.steps,
-                 seed=args.seed)
+                 seed=args.seed, compact=not args.no_compact)
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

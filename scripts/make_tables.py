@@ -3,138 +3,49 @@
     python scripts/make_tables.py trained_models/                     # Markdown, AutoAttack (standard preset)
     python scripts/make_tables.py trained_models/ --format csv -o results.csv
     python scripts/make_tables.py trained_models/ --format latex --attack pgd10
+    python scripts/make_tables.py trained_models/ --attack fmn --value median_distance   # FMN's median distance
 
-One table per dataset. Rows: method x granularity, with the method named by the run's stage recipe
+One table per dataset. Rows: method x granularity, the method named by the run's stage recipe
 (configs/recipes.py: pretrain -> dense, score_* -> Hydra (score), lwm_finetune -> LWM, rate_* -> rate,
-harp_* -> HARP) and the granularity from --prune_reg (weight, channel). Columns: architecture x sparsity, the sparsity being 100 * (1 - global_keep)
-of the evaluated model (exact kept counts from the result JSON), rounded to one decimal ("99", "99.9").
-Cells: "natural / robust" accuracy in percent with two decimals; "–" where there is no result.
+harp_* -> HARP), the granularity from --prune_reg (weight, channel), and a row of its own for runs with other
+settings (labelled by the settings that differ). Columns: architecture x sparsity, the sparsity being
+100 * (1 - global_keep) of the evaluated model (exact kept counts from the result JSON), rounded to one decimal
+("99", "99.9"). Cells: "natural / robust" accuracy in percent with two decimals; "–" where there is no result;
+replicates (runs that differ only in --seed or --exp-name) as mean ± std with their number n. How results are
+chosen and grouped: scripts/results.py. The dense model has no sparsity of its own: its cell is repeated under
+every sparsity of its architecture. SVHN cells are balanced accuracy (the paper reports BACC for SVHN) unless
+--metric acc.
 
-The dense model has no sparsity of its own: its cell is repeated under every sparsity of its architecture.
-When several results fall into one cell, the finetune stage wins over the prune stage, then model_best over
-the last checkpoint over dense exports, then the larger n_examples, then the newer file.
-SVHN cells are balanced accuracy (the paper reports BACC for SVHN) unless --metric acc.
+--value median_distance puts the attack's median minimal distance (test.py --attacks fmn) in the robust column
+instead of its robust accuracy, with four significant digits.
+
+--format csv writes one line per cell with numeric columns (natural, natural_std, robust, robust_std, n,
+sparsity); --format latex needs \\usepackage{booktabs}.
 """
 import argparse
 import csv
 import io
-import json
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from configs.recipes import DENSE_METHOD, METHODS, recipe  # noqa: E402
+from configs.recipes import DENSE_METHOD, METHODS  # noqa: E402
+from scripts.results import Cell, TableError, collect_cells, find_results, load_cells  # noqa: E402
 
-REQUIRED_KEYS = ("arch", "dataset", "exp_mode", "natural_acc", "attacks", "sparsity")
 METHOD_ORDER = METHODS
 GRANULARITY_ORDER = ("weight", "channel")
 DASH = "–"
-
-
-class TableError(Exception):
-    """A problem the user can fix (no results, unknown attack): one line, exit code 2."""
-
-
-# ----------------------------------------------------------------------------------------------- loading
-def method_of(exp_mode: str) -> Tuple[str, bool]:
-    """(method label, whether the stage's model is the method's result) of an exp-mode, from its recipe:
-    'harp_finetune' -> ('HARP', True), 'harp_prune' -> ('HARP', False)."""
-    spec = recipe(exp_mode)
-    return spec.method, spec.final
-
-
-def sparsity_percent(result: Dict) -> float:
-    """100 * (1 - global_keep) rounded to one decimal: 98.9996 -> 99.0, 99.9 -> 99.9."""
-    return round(100.0 * (1.0 - float(result["sparsity"]["global_keep"])), 1)
+VALUES = ("robust_acc", "median_distance")  # what the robust column shows (an attack entry's key)
+Row = Tuple[str, str, str]  # (method, granularity, variant)
 
 
 def sparsity_label(percent: float) -> str:
     return f"{percent:g}%"
-
-
-def find_results(paths: Sequence[str]) -> List[Tuple[str, Dict]]:
-    """Every test.py result JSON under the given directories (or the given files), sorted by path."""
-    files = []
-    for path in paths:
-        if os.path.isfile(path):
-            files.append(path)
-            continue
-        if not os.path.isdir(path):
-            raise TableError(f"{path} does not exist")
-        for directory, _, names in os.walk(path):
-            files.extend(os.path.join(directory, n) for n in names if n.endswith(".json"))
-    out = []
-    for name in sorted(files):
-        try:
-            with open(name) as fh:
-                data = json.load(fh)
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and all(k in data for k in REQUIRED_KEYS):
-            out.append((name, data))
-    return out
-
-
-@dataclass
-class Entry:
-    dataset: str
-    method: str
-    granularity: str
-    arch: str
-    sparsity: float
-    natural: float
-    robust: Optional[float]
-    path: str
-    preference: Tuple = field(default=())
-    measured_sparsity: float = 0.0   # 100 * (1 - global_keep), unrounded
-
-
-def _accuracy(result: Dict, attack: str, balanced: bool) -> Tuple[float, Optional[float]]:
-    natural = result.get("natural_balanced_acc") if balanced else None
-    natural = result["natural_acc"] if natural is None else natural
-    entry = result["attacks"].get(attack)
-    if entry is None:
-        return natural, None
-    robust = entry.get("balanced_acc") if balanced else None
-    return natural, entry["robust_acc"] if robust is None else robust
-
-
-def _preference(path: str, result: Dict, final: bool) -> Tuple:
-    stem = os.path.basename(path)
-    checkpoint_rank = 1 if "_dense" in stem else (3 if stem.startswith("model_best") else 2)
-    stage_rank = 2 if final else 1
-    try:
-        mtime = os.path.getmtime(path)
-    except OSError:
-        mtime = 0.0
-    return stage_rank, checkpoint_rank, int(result.get("n_examples") or 0), mtime
-
-
-def collect(results: Iterable[Tuple[str, Dict]], attack: str = "autoattack", preset: str = "standard",
-            metric: str = "auto", dataset: Optional[str] = None) -> List[Entry]:
-    """One Entry per table cell: the preferred result of each (dataset, method, granularity, arch, sparsity)."""
-    best: Dict[Tuple, Entry] = {}
-    for path, result in results:
-        if preset != "any" and result.get("preset", "standard") != preset:
-            continue
-        if dataset and result["dataset"].lower() != dataset.lower():
-            continue
-        method, final = method_of(result["exp_mode"])
-        granularity = "" if method == DENSE_METHOD else result.get("prune_reg", "weight")
-        balanced = metric == "balanced" or (metric == "auto" and result["dataset"] == "SVHN")
-        natural, robust = _accuracy(result, attack, balanced)
-        entry = Entry(result["dataset"], method, granularity, result["arch"],
-                      0.0 if method == DENSE_METHOD else sparsity_percent(result), natural, robust, path,
-                      _preference(path, result, final), 100.0 * (1.0 - float(result["sparsity"]["global_keep"])))
-        key = (entry.dataset, entry.method, entry.granularity, entry.arch, entry.sparsity)
-        if key not in best or entry.preference > best[key].preference:
-            best[key] = entry
-    return list(best.values())
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -142,97 +53,120 @@ def collect(results: Iterable[Tuple[str, Dict]], attack: str = "autoattack", pre
 class Table:
     dataset: str
     columns: List[Tuple[str, float]]                     # (arch, sparsity)
-    rows: List[Tuple[str, str]]                          # (method, granularity)
-    cells: Dict[Tuple[Tuple[str, str], Tuple[str, float]], str]
+    rows: List[Row]
+    cells: Dict[Tuple[Row, Tuple[str, float]], Cell]
+    value: str = "robust_acc"                            # VALUES
 
 
-def _method_rank(method: str) -> Tuple[int, str]:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+def _row_rank(row: Row) -> Tuple:
+    method, granularity, variant = row
+    return ((METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method),
+            (GRANULARITY_ORDER.index(granularity) if granularity in GRANULARITY_ORDER else -1, granularity), variant)
 
 
-def _granularity_rank(granularity: str) -> Tuple[int, str]:
-    return (GRANULARITY_ORDER.index(granularity) if granularity in GRANULARITY_ORDER else -1, granularity)
+def _number(value: Optional[float], std: Optional[float], spec: str = ".2f") -> str:
+    if value is None:
+        return DASH
+    return f"{value:{spec}}" if std is None else f"{value:{spec}} ± {std:{spec}}"
 
 
-def cell_text(natural: float, robust: Optional[float], sparsity: Optional[float] = None) -> str:
-    text = f"{natural:.2f} / {DASH if robust is None else f'{robust:.2f}'}"
-    return text if sparsity is None else f"{text} ({sparsity:.2f}% sparse)"
+def cell_text(cell: Cell, show_sparsity: bool = False, value: str = "robust_acc") -> str:
+    if cell.clash:
+        return f"clash: {len(cell.paths)} results disagree"
+    spec = ".2f" if value == "robust_acc" else ".4g"  # distances are small numbers: significant digits
+    text = f"{_number(cell.natural, cell.natural_std)} / {_number(cell.robust, cell.robust_std, spec)}"
+    if cell.n > 1:
+        text += f" (n={cell.n})"
+    return text if not show_sparsity else f"{text} ({cell.measured_sparsity:.2f}% sparse)"
 
 
-def build_tables(entries: List[Entry], show_sparsity: bool = False) -> List[Table]:
-    """show_sparsity: add each model's exact measured sparsity to its cell (columns are rounded to 0.1 %)."""
+def build_tables(cells: List[Cell], value: str = "robust_acc") -> List[Table]:
     tables = []
-    for dataset in sorted({e.dataset for e in entries}):
-        mine = [e for e in entries if e.dataset == dataset]
-        pruned = [e for e in mine if e.method != DENSE_METHOD]
-        columns = sorted({(e.arch, e.sparsity) for e in pruned})
-        for arch in sorted({e.arch for e in mine if e.method == DENSE_METHOD} - {a for a, _ in columns}):
+    for dataset in sorted({c.dataset for c in cells}):
+        mine = [c for c in cells if c.dataset == dataset]
+        pruned = [c for c in mine if c.method != DENSE_METHOD]
+        columns = sorted({(c.arch, c.sparsity) for c in pruned})
+        for arch in sorted({c.arch for c in mine if c.method == DENSE_METHOD} - {a for a, _ in columns}):
             columns.append((arch, 0.0))  # only a dense model of this architecture: a 0 % column
         columns.sort()
-        rows = sorted({(e.method, e.granularity) for e in mine},
-                      key=lambda r: (_method_rank(r[0]), _granularity_rank(r[1])))
-        cells = {}
-        for e in mine:
-            text = cell_text(e.natural, e.robust, e.measured_sparsity if show_sparsity else None)
-            if e.method == DENSE_METHOD:
-                for arch, sparsity in columns:
-                    if arch == e.arch:
-                        cells[((e.method, e.granularity), (arch, sparsity))] = text
-            else:
-                cells[((e.method, e.granularity), (e.arch, e.sparsity))] = text
-        tables.append(Table(dataset, columns, rows, cells))
+        rows = sorted({c.row for c in mine}, key=_row_rank)
+        placed = {}
+        for c in mine:
+            targets = [col for col in columns if col[0] == c.arch] if c.method == DENSE_METHOD else [(c.arch, c.sparsity)]
+            for col in targets:
+                placed[(c.row, col)] = c
+        tables.append(Table(dataset, columns, rows, placed, value))
     return tables
+
+
+def row_label(row: Row) -> str:
+    method, _, variant = row
+    return f"{method} [{variant}]" if variant else method
 
 
 def _header(column: Tuple[str, float]) -> str:
     return f"{column[0]} {sparsity_label(column[1])}"
 
 
-def _row_cells(table: Table, row: Tuple[str, str]) -> List[str]:
-    return [table.cells.get((row, col), DASH) for col in table.columns]
+def _row_cells(table: Table, row: Row, show_sparsity: bool) -> List[str]:
+    return [cell_text(table.cells[(row, col)], show_sparsity, table.value) if (row, col) in table.cells else DASH
+            for col in table.columns]
 
 
 def caption(table: Table, attack: str, preset: str, metric: str) -> str:
     balanced = metric == "balanced" or (metric == "auto" and table.dataset == "SVHN")
     what = "balanced accuracy" if balanced else "accuracy"
+    if table.value == "median_distance":
+        return (f"{table.dataset}: natural {what} (%) / median minimal distance of {attack} (clean-correct points; "
+                f"{preset} preset)")
     return f"{table.dataset}: natural / robust {what} (%), robust = {attack} ({preset} preset)"
 
 
-def to_markdown(tables: List[Table], attack: str, preset: str, metric: str) -> str:
+def to_markdown(tables: List[Table], attack: str, preset: str, metric: str, show_sparsity: bool = False) -> str:
     blocks = []
     for table in tables:
         lines = [f"**{caption(table, attack, preset, metric)}**", ""]
         lines.append("| method | granularity | " + " | ".join(_header(c) for c in table.columns) + " |")
         lines.append("|---|---|" + "---|" * len(table.columns))
         for row in table.rows:
-            lines.append(f"| {row[0]} | {row[1] or DASH} | " + " | ".join(_row_cells(table, row)) + " |")
+            lines.append(f"| {row_label(row)} | {row[1] or DASH} | " + " | ".join(_row_cells(table, row, show_sparsity))
+                         + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
 
 
-def to_csv(tables: List[Table], attack: str, preset: str, metric: str) -> str:
-    columns = []
-    for table in tables:
-        columns += [c for c in table.columns if c not in columns]
+CSV_COLUMNS = ("dataset", "method", "variant", "granularity", "arch", "sparsity", "natural", "natural_std", "robust",
+               "robust_std", "n", "measured_sparsity", "attack", "clash")
+
+
+def to_csv(tables: List[Table], attack: str, preset: str, metric: str, show_sparsity: bool = False) -> str:
+    """One line per cell, numbers as numbers (empty where unknown); the dense model once per architecture."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["dataset", "method", "granularity"] + [_header(c) for c in columns])
+    writer.writerow(CSV_COLUMNS)
+    seen = set()
     for table in tables:
-        for row in table.rows:
-            writer.writerow([table.dataset, row[0], row[1]] +
-                            [table.cells.get((row, c), "") for c in columns])
+        for (row, _), cell in table.cells.items():
+            if id(cell) in seen:
+                continue
+            seen.add(id(cell))
+            numbers = [cell.sparsity, cell.natural, cell.natural_std, cell.robust, cell.robust_std, cell.n,
+                       round(cell.measured_sparsity, 6)]
+            writer.writerow([table.dataset, cell.method, cell.variant, cell.granularity, cell.arch]
+                            + ["" if v is None else v for v in numbers]
+                            + [attack if table.value == "robust_acc" else f"{attack} {table.value}", int(cell.clash)])
     return buffer.getvalue()
 
 
 def _latex_escape(text: str) -> str:
     for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#")):
         text = text.replace(a, b)
-    return text.replace(DASH, "--")
+    return text.replace(DASH, "--").replace("±", r"$\pm$")
 
 
-def to_latex(tables: List[Table], attack: str, preset: str, metric: str) -> str:
-    """booktabs tabulars, one per dataset, architectures as grouped column headers."""
-    blocks = []
+def to_latex(tables: List[Table], attack: str, preset: str, metric: str, show_sparsity: bool = False) -> str:
+    """booktabs tabulars (\\usepackage{booktabs}), one per dataset, architectures as grouped column headers."""
+    blocks = ["% needs \\usepackage{booktabs} (\\toprule, \\midrule, \\cmidrule, \\bottomrule)"]
     for table in tables:
         archs = []
         for arch, _ in table.columns:
@@ -252,8 +186,9 @@ def to_latex(tables: List[Table], attack: str, preset: str, metric: str) -> str:
         lines.append(" & & " + " & ".join(_latex_escape(sparsity_label(s)) for _, s in table.columns) + r" \\")
         lines.append(r"\midrule")
         for row in table.rows:
-            cells = [_latex_escape(c) for c in _row_cells(table, row)]
-            lines.append(f"{_latex_escape(row[0])} & {_latex_escape(row[1] or DASH)} & " + " & ".join(cells) + r" \\")
+            cells = [_latex_escape(c) for c in _row_cells(table, row, show_sparsity)]
+            lines.append(f"{_latex_escape(row_label(row))} & {_latex_escape(row[1] or DASH)} & " + " & ".join(cells)
+                         + r" \\")
         lines += [r"\bottomrule", r"\end{tabular}"]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
@@ -262,26 +197,36 @@ def to_latex(tables: List[Table], attack: str, preset: str, metric: str) -> str:
 FORMATS = {"md": to_markdown, "markdown": to_markdown, "csv": to_csv, "latex": to_latex, "tex": to_latex}
 
 
-def load_entries(paths: Sequence[str], attack: str = "autoattack", preset: str = "standard", metric: str = "auto",
-                 dataset: Optional[str] = None) -> List["Entry"]:
-    """Every usable result under `paths` (tables and plots share this); an error if there is none."""
+def _value_cells(paths: Sequence[str], attack: str, value: str, preset: str, metric: str,
+                 dataset: Optional[str]) -> List[Cell]:
+    """The cells with the attack entries' `value` in the robust column (scripts/results.py reads robust_acc)."""
     results = find_results(paths)
-    if not results:
-        raise TableError(f"no test.py result JSONs under {', '.join(paths)} (run test.py first)")
-    entries = collect(results, attack=attack, preset=preset, metric=metric, dataset=dataset)
-    if not entries:
-        raise TableError(f"{len(results)} result files found, none with preset {preset!r}"
-                         + (f" and dataset {dataset}" if dataset else "") + " (try --preset any)")
-    if all(e.robust is None for e in entries):
-        known = sorted({name for _, r in results for name in r["attacks"]})
-        raise TableError(f"no result has attack {attack!r}; the results have: {', '.join(known) or 'none'}")
-    return entries
+    has_value = [(path, data) for path, data in results if value in (data["attacks"].get(attack) or {})]
+    if not has_value:
+        raise TableError(f"no result under {', '.join(paths)} has {attack!r} with a {value}"
+                         + (" (run test.py --attacks fmn)" if value == "median_distance" else ""))
+    moved = []
+    for path, data in results:
+        attacks = {name: e for name, e in data["attacks"].items() if name != attack}
+        entry = data["attacks"].get(attack)
+        if entry is not None and value in entry:
+            attacks[attack] = {"robust_acc": entry[value]}
+        moved.append((path, dict(data, attacks=attacks)))
+    return collect_cells(moved, attack=attack, preset=preset, metric=metric, dataset=dataset)
 
 
 def make_tables(paths: Sequence[str], fmt: str = "md", attack: str = "autoattack", preset: str = "standard",
-                metric: str = "auto", dataset: Optional[str] = None, show_sparsity: bool = False) -> str:
-    entries = load_entries(paths, attack, preset, metric, dataset)
-    return FORMATS[fmt](build_tables(entries, show_sparsity), attack, preset, metric)
+                metric: str = "auto", dataset: Optional[str] = None, show_sparsity: bool = False,
+                value: str = "robust_acc") -> str:
+    if value not in VALUES:
+        raise TableError(f"--value {value!r} is not one of {', '.join(VALUES)}")
+    cells = (load_cells(paths, attack, preset, metric, dataset) if value == "robust_acc"
+             else _value_cells(paths, attack, value, preset, metric, dataset))
+    for cell in cells:
+        if cell.clash:
+            print(f"make_tables.py: warning: results of one checkpoint disagree ({', '.join(cell.paths)}); "
+                  "the cell says so", file=sys.stderr)
+    return FORMATS[fmt](build_tables(cells, value), attack, preset, metric, show_sparsity)
 
 
 def main(argv=None) -> int:
@@ -294,13 +239,16 @@ def main(argv=None) -> int:
     parser.add_argument("--metric", default="auto", choices=("auto", "acc", "balanced"),
                         help="auto: balanced accuracy for SVHN, accuracy otherwise (default: auto)")
     parser.add_argument("--dataset", default=None, help="only this dataset")
+    parser.add_argument("--value", default="robust_acc", choices=VALUES,
+                        help="what the robust column shows: the attack's robust accuracy, or (fmn) its median "
+                        "minimal distance (default: robust_acc)")
     parser.add_argument("--show-sparsity", action="store_true",
                         help="add each model's exact measured sparsity to its cell")
     parser.add_argument("-o", "--output", default=None, help="write here instead of standard output")
     args = parser.parse_args(argv)
     try:
         text = make_tables(args.paths, args.format, args.attack, args.preset, args.metric, args.dataset,
-                           args.show_sparsity)
+                           args.show_sparsity, args.value)
     except TableError as err:
         print(f"make_tables.py: error: {err}", file=sys.stderr)
         return 2

@@ -34,11 +34,8 @@ RULES = ("uni", "erk", "lamp", "original")
 
 _SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 _ID_RE = re.compile(r"^(?P<digits>[0-9]{3,})_(?P<rule>[a-z]+)$")
-_VALID_FORMS = (
-    "'<digits>_<rule>' with at least three digits read with the first digit as the units digit "
-    "(010 = 0.10, 001 = 0.01, 0001 = 0.001, 005 = 0.05, 050 = 0.5, 100 = 1.0; the value must be in (0, 1]) "
-    "and <rule> one of uni, erk, lamp (e.g. 010_uni, 005_erk, 001_lamp); or 'original' (every layer dense)"
-)
+_VALID_FORMS = ("<density>_<rule> such as 010_uni, 005_erk or 001_lamp (010 = 0.10 kept; rules uni, erk, lamp), "
+                "'original', or a strategy file FILE.yaml|.json:ID")
 
 
 def parse_strategy_id(stg_id: str) -> tuple[float, str]:
@@ -51,13 +48,13 @@ def parse_strategy_id(stg_id: str) -> tuple[float, str]:
         return 1.0, "original"
     match = _ID_RE.match(stg_id) if isinstance(stg_id, str) else None
     if match is None:
-        raise UserError(_bad_id_message(stg_id, "it does not have the form <digits>_<rule>"))
+        raise UserError(_bad_id_message(stg_id, "not <digits>_<rule>"))
     digits, rule = match.group("digits"), match.group("rule")
     if rule not in RULES or rule == "original":
         raise UserError(_bad_id_message(stg_id, f"unknown rule {rule!r}"))
     value = int(digits) / 10 ** (len(digits) - 1)
     if not 0.0 < value <= 1.0:
-        raise UserError(_bad_id_message(stg_id, f"its keep ratio {value:g} is not in (0, 1]"))
+        raise UserError(_bad_id_message(stg_id, f"keep ratio {value:g} not in (0, 1]"))
     return value, rule
 
 
@@ -85,10 +82,7 @@ def _bad_id_message(stg_id: object, why: str) -> str:
         for granularity, ids in sorted(_load(arch).items()):
             shipped.append(f"{arch}/{granularity}: {', '.join(sorted(ids))}")
     listing = "; ".join(shipped) if shipped else "none"
-    return (
-        f"invalid strategy id {stg_id!r}: {why}. Valid forms: {_VALID_FORMS}. "
-        f"Per-layer lists shipped from the original code: {listing}."
-    )
+    return f"invalid strategy id {stg_id!r} ({why}): use {_VALID_FORMS}; shipped lists: {listing}"
 
 
 @functools.lru_cache(maxsize=None)

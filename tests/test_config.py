@@ -21,11 +21,11 @@ def test_seed_prune_command_gets_the_original_hyperparameters():
 
 
 def test_per_mode_section_sets_finetune_lr_unless_the_user_sets_it(tmp_path):
-    assert resolve("--dataset", "CIFAR10", "--exp-mode", "harp_finetune").lr == 0.01
+    assert resolve("--dataset", "CIFAR10", "--exp-mode", "harp_finetune", "--k", "0.1").lr == 0.01
     assert resolve("--dataset", "CIFAR10", "--exp-mode", "pretrain").lr == 0.1
-    assert resolve("--dataset", "CIFAR10", "--exp-mode", "harp_finetune", "--lr", "0.05").lr == 0.05
+    assert resolve("--dataset", "CIFAR10", "--exp-mode", "harp_finetune", "--k", "0.1", "--lr", "0.05").lr == 0.05
     user = tmp_path / "mine.yml"
-    user.write_text("lr: 0.02\nepochs: 7\n")
+    user.write_text("lr: 0.02\nepochs: 7\nk: 0.1\n")
     cfg = resolve("--dataset", "CIFAR10", "--exp-mode", "score_finetune", "--configs", str(user))
     assert (cfg.lr, cfg.epochs, cfg.epsilon) == (0.02, 7, 0.031)  # user file beats the preset, preset still applies
     cfg = resolve("--dataset", "CIFAR10", "--exp-mode", "score_finetune", "--configs", str(user), "--epochs", "3")
@@ -39,8 +39,10 @@ def test_per_loss_section_sets_beta():
 
 
 def test_both_spellings_and_hyphenated_modes_are_accepted():
-    a = resolve("--prune_reg", "channel", "--exp-mode", "harp-prune", "--batch_size", "32", "--stg-id", "005_erk")
-    b = resolve("--prune-reg", "channel", "--exp_mode", "harp_prune", "--batch-size", "32", "--stg_id", "005_erk")
+    a = resolve("--prune_reg", "channel", "--exp-mode", "harp-prune", "--batch_size", "32", "--stg-id", "005_erk",
+                "--k", "0.1")
+    b = resolve("--prune-reg", "channel", "--exp_mode", "harp_prune", "--batch-size", "32", "--stg_id", "005_erk",
+                "--k", "0.1")
     assert a == b and a.exp_mode == "harp_prune" and a.batch_size == 32
     assert resolve("--dataset", "cifar10").dataset == "CIFAR10"
 
@@ -61,7 +63,7 @@ def test_every_option_has_help_and_a_valid_default():
 def test_every_preset_resolves_in_every_mode():
     for dataset in ("CIFAR10", "CIFAR100", "SVHN", "MNIST", "imagenet", "digits"):
         for mode in ("pretrain", "score_prune", "rate_finetune", "harp_prune", "harp_finetune"):
-            cfg = resolve("--dataset", dataset, "--exp-mode", mode)
+            cfg = resolve("--dataset", dataset, "--exp-mode", mode, "--k", "0.1")
             assert cfg.arch and cfg.epochs >= 1, (dataset, mode)
     assert resolve("--dataset", "imagenet").trainer == "freeadv"
 
@@ -77,7 +79,10 @@ def test_every_preset_resolves_in_every_mode():
     (["--alpha", "1"], "alpha must be in [0, 1)"),
     (["--trainer", "base", "--adv_loss", "trades"], "--trainer base trains on clean inputs"),
     (["--conv_k", "0.5"], "not supported"),
-    (["--layer-type", "dense", "--exp-mode", "harp_prune"], "needs masked layers"),
+    (["--layer-type", "dense", "--exp-mode", "harp_prune", "--k", "0.1"], "needs masked layers"),
+    (["--exp-mode", "harp_prune"], "--k is required in harp_prune"),
+    (["--epoch", "5"], "unrecognized arguments: --epoch 5 (did you mean: --epoch -> --epochs?)"),
+    (["--eps", "0.2"], "unrecognized arguments"),
     (["--clip-min", "1", "--clip-max", "0"], "must be below clip_max"),
 ])
 def test_bad_values_are_one_line_errors(argv, message):

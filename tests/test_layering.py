@@ -1,4 +1,4 @@
-"""The import layering of DESIGN.md §3, and the rules for library code, checked on the source with `ast`."""
+"""The import layering of ARCHITECTURE.md, and the rules for library code, checked on the source with `ast`."""
 import ast
 import os
 

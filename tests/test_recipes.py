@@ -31,11 +31,11 @@ def test_lwm_is_its_own_mode_and_the_old_spelling_means_the_same_run():
 
 
 def test_soft_hw_switch_adds_or_removes_the_hardware_loss_with_its_gamma_and_best_rule():
-    plain = effective_recipe(RECIPES["harp_prune"], resolve("--exp-mode", "harp_prune"))
+    plain = effective_recipe(RECIPES["harp_prune"], resolve("--exp-mode", "harp_prune", "--k", "0.1"))
     assert plain.regularizers == ("hardware",) and plain.best_when == BEST_ONCE_TARGET_MET
-    off = effective_recipe(RECIPES["harp_prune"], resolve("--exp-mode", "harp_prune", "--no-soft-hw"))
+    off = effective_recipe(RECIPES["harp_prune"], resolve("--exp-mode", "harp_prune", "--no-soft-hw", "--k", "0.1"))
     assert off.regularizers == () and off.hooks == () and off.best_when == BEST_ANY_EPOCH
-    on = effective_recipe(RECIPES["score_prune"], resolve("--exp-mode", "score_prune", "--soft-hw"))
+    on = effective_recipe(RECIPES["score_prune"], resolve("--exp-mode", "score_prune", "--soft-hw", "--k", "0.1"))
     assert on.regularizers == ("hardware",) and on.hooks == ("dynamic_gamma",) and on.best_when == BEST_ONCE_TARGET_MET
 
 

@@ -1,4 +1,5 @@
 """scripts/make_tables.py and scripts/plots.py on a synthetic tree of test.py result JSONs."""
+import csv
 import json
 import os
 
@@ -87,14 +88,17 @@ def test_show_sparsity_adds_each_models_exact_measured_sparsity(tree):
 def test_cli_writes_csv_and_latex(tree, tmp_path, capsys):
     out = str(tmp_path / "t.csv")
     assert make_tables.main([tree, "--format", "csv", "-o", out]) == 0
-    lines = open(out).read().splitlines()
-    assert lines[0] == "dataset,method,granularity,resnet18 99%,vgg16_bn 90%,vgg16_bn 99%"
-    assert "CIFAR10,HARP,weight,,80.70 / 42.83,79.42 / 42.02" in lines
+    with open(out) as fh:
+        rows = list(csv.DictReader(fh))
+    harp = [r for r in rows if (r["method"], r["granularity"], r["arch"]) == ("HARP", "weight", "vgg16_bn")]
+    assert sorted((float(r["sparsity"]), float(r["natural"]), float(r["robust"]), int(r["n"])) for r in harp) == [
+        (90.0, 80.70, 42.83, 1), (99.0, 79.42, 42.02, 1)]
+    assert all(r["natural_std"] == "" for r in harp) and len(rows) == 6  # one line per cell, dense once
     assert make_tables.main([tree, "--format", "latex"]) == 0
     tex = capsys.readouterr().out
     assert r"\begin{tabular}{llccc}" in tex and r"\multicolumn{2}{c}{vgg16\_bn}" in tex
     assert r"HARP & weight & -- & 80.70 / 42.83 & 79.42 / 42.02 \\" in tex
-    assert r"99\%" in tex and r"\bottomrule" in tex
+    assert r"99\%" in tex and r"\bottomrule" in tex and "booktabs" in tex
 
 
 def test_other_attack_preset_and_errors(tree, capsys):
@@ -150,3 +154,62 @@ def test_keep_rates_from_an_original_code_checkpoint(tmp_path):
     with pytest.raises(plots.PlotError, match="--k"):
         plots.keep_rates_of(path)
     assert plots.main(["keep-rates", path, "--k", "0.1", "-o", str(tmp_path / "k.png")]) == 0
+
+
+def run_result(arch, exp_mode, keep, natural, robust, *, run, exp_name="", seed=1234, gamma=1.0, **kw):
+    """A result as test.py writes it for a run of ours: the checkpoint path and the training config."""
+    out = result(arch, exp_mode, keep, natural, robust, **kw)
+    out["checkpoint"] = os.path.join(run, "checkpoint", "model_best.pth.tar")
+    out["train_config"] = {"exp_name": exp_name or None, "seed": seed, "gamma": gamma, "k": keep, "lr": 0.1}
+    return out
+
+
+def test_lwm_hydra_and_harp_get_three_rows(tmp_path):
+    root = str(tmp_path)
+    for mode, nat in (("score_finetune", 90.0), ("lwm_finetune", 85.0), ("harp_finetune", 91.0)):
+        run = os.path.join(root, "r", mode)
+        write(root, f"r/{mode}/eval/model_best_standard.json", run_result("small_cnn", mode, 0.01, nat, nat - 10,
+                                                                           run=run, attack="pgd10"))
+    text = make_tables.make_tables([root], attack="pgd10")
+    assert "| Hydra (score) | weight | 90.00 / 80.00 |" in text
+    assert "| LWM | weight | 85.00 / 75.00 |" in text and "| HARP | weight | 91.00 / 81.00 |" in text
+
+
+def test_runs_that_share_a_cell_are_aggregated_or_kept_apart_never_picked_by_file_time(tmp_path):
+    root = str(tmp_path)
+    # Two seeds of the same settings (different --exp-name): replicates, shown as mean ± std with n.
+    for name, seed, nat in (("s1", 1, 90.0), ("s2", 2, 92.0)):
+        run = os.path.join(root, name, "harp_finetune")
+        write(root, f"{name}/harp_finetune/eval/model_best_standard.json",
+              run_result("small_cnn", "harp_finetune", 0.01, nat, nat - 10, run=run, exp_name=name, seed=seed))
+    # A run with another gamma in the same cell: a row of its own, labelled by what differs.
+    run = os.path.join(root, "g", "harp_finetune")
+    write(root, "g/harp_finetune/eval/model_best_standard.json",
+          run_result("small_cnn", "harp_finetune", 0.01, 70.0, 60.0, run=run, exp_name="g", gamma=0.1))
+    text = make_tables.make_tables([root])
+    assert "| HARP [gamma=1.0] | weight | 91.00 ± 1.41 / 81.00 ± 1.41 (n=2) |" in text
+    assert "| HARP [gamma=0.1] | weight | 70.00 / 60.00 |" in text
+    # The same checkpoint evaluated twice with different numbers: a clash, said so, no number picked.
+    write(root, "g/harp_finetune/copy.json",
+          run_result("small_cnn", "harp_finetune", 0.01, 71.0, 60.0, run=run, exp_name="g", gamma=0.1))
+    assert "| HARP [gamma=0.1] | weight | clash: 2 results disagree |" in make_tables.make_tables([root])
+    # An identical copy (test.py --results-file) counts once.
+    write(root, "g/harp_finetune/copy.json",
+          run_result("small_cnn", "harp_finetune", 0.01, 70.0, 60.0, run=run, exp_name="g", gamma=0.1))
+    assert "| HARP [gamma=0.1] | weight | 70.00 / 60.00 |" in make_tables.make_tables([root])
+
+
+def test_plots_read_the_same_groups(tmp_path):
+    root = str(tmp_path)
+    for name, seed, keep in (("a", 1, 0.01), ("b", 2, 0.01), ("c", 1, 0.1)):
+        run = os.path.join(root, name, "harp_finetune")
+        write(root, f"{name}/harp_finetune/eval/model_best_standard.json",
+              run_result("small_cnn", "harp_finetune", keep, 90.0 + seed, 80.0, run=run, exp_name=name, seed=seed))
+    out = str(tmp_path / "acc.png")
+    assert plots.main(["accuracy-sparsity", root, "-o", out]) == 0
+
+
+def test_missing_curve_hint_is_on_the_results_own_scale(tmp_path, capsys):
+    path = write(str(tmp_path), "r.json", dict(result("small_cnn", "pretrain", 1.0, 99.0, 90.0), epsilon=0.1))
+    assert plots.main(["security-curve", path, "-o", str(tmp_path / "c.png")]) == 2
+    assert "--epsilons 0.025,0.05,0.1,0.2" in capsys.readouterr().err

@@ -1,8 +1,8 @@
-"""Gradient attacks: PGD (cross-entropy or CW margin), FGSM, and TRADES' inner maximisation (harp-spec §6.1, §6.4, §7).
+"""Gradient attacks: PGD (cross-entropy or CW margin), FGSM, and TRADES' inner maximisation (the original HARP code's trainer/adv.py, utils/eval.py and test.py).
 
 Used by the training objectives and, registered by name, by validation and test.py (trainers/evaluation/).
 Every attack takes gradients with respect to the input only (`torch.autograd.grad`), never parameter
-gradients (DESIGN.md §7), runs the model in eval mode and restores each module's mode afterwards, and keeps
+gradients (README "What makes it fast"), runs the model in eval mode and restores each module's mode afterwards, and keeps
 x_adv inside the eps-ball around x and inside [clip_min, clip_max].
 """
 from typing import Optional

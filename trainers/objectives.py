@@ -1,4 +1,4 @@
-"""Adversarial-training objectives (harp-spec §6.1): each returns (mean loss, logits on the trained inputs).
+"""Adversarial-training objectives (the original HARP code's utils/adv.py): each returns (mean loss, logits on the trained inputs).
 
 The attack runs on `attack_model` in eval mode; the loss forwards run on `model` in train mode. They are
 the same module except under DistributedDataParallel, where attacks use the unwrapped module (the
@@ -22,7 +22,8 @@ Objective = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 @dataclass(frozen=True)
 class ObjectiveSettings:
     threat: ThreatModel   # the training attack
-    beta: float = 6.0     # TRADES / MART robust-loss weight
+    beta: float = 6.0     # TRADES / MART robust-loss weight (and Hydra's smoothing KL weight)
+    noise_std: float = 0.25  # randomized smoothing's sigma, in [0, 1] input units (trainers/certified_training.py)
 
 
 def natural(model, attack_model, x, y, settings) -> Tuple[torch.Tensor, torch.Tensor]:

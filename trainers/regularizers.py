@@ -14,7 +14,9 @@ from typing import Any, Dict, Protocol
 
 import torch
 
+from configs.errors import UserError
 from pruning.budget import CostModel, GammaSchedule, target_met
+from pruning.gates import gate_layers, on_budget, project_to_target, set_gates_trainable
 from utils.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -51,11 +53,21 @@ class HardwareLoss:
         return {"hw_loss": hw, "soft_cost": float(cost), "target_met": target_met(hw)}
 
 
+class GateBudgetLoss(HardwareLoss):
+    """The hardware loss of in-train gates (pruning/gates.py), on their hard cost; an epoch meets the target when
+    it is on budget (`pruning.gates.on_budget`: at most the target and less than 5 % below it)."""
+
+    def measure(self) -> Dict[str, Any]:
+        record = super().measure()
+        record["target_met"] = on_budget(record["soft_cost"], self.cost_model.target)
+        return record
+
+
 def _hardware(cfg, model, graph) -> HardwareLoss:
     cost_model = CostModel(model, graph, cfg.prune_reg, cfg.k)
     log.info("hardware target a_target = %.6f (%s), current soft a = %.6f", cost_model.target,
              "keep fraction" if cfg.prune_reg == "weight" else "FLOPs ratio", float(cost_model.soft_cost().detach()))
-    return HardwareLoss(cost_model)
+    return (GateBudgetLoss if gate_layers(model) else HardwareLoss)(cost_model)
 
 
 class DynamicGamma:
@@ -81,6 +93,41 @@ class DynamicGamma:
         self.schedule.load_state_dict(state)
 
 
+class GateSettle:
+    """In-train pruning's last phase (a reconstruction, pruning/gates.py): before each of the last `epochs` epochs
+    the gates are projected onto the budget (`pruning.gates.project_to_target`: the open gates become those of
+    largest logit that fit it) and frozen, so only the weights train and every epoch of the phase is on budget.
+    It holds no state: after a resume the projection finds nothing to change and the gates are frozen again."""
+
+    def __init__(self, regularizer: HardwareLoss, total_epochs: int, epochs: int):
+        if epochs >= total_epochs:
+            raise UserError(f"--gate-settle-epochs {epochs} leaves no epoch of in-train pruning before it "
+                            f"({total_epochs} epochs in all)")
+        self.cost_model, self.start = regularizer.cost_model, total_epochs - epochs
+
+    def before_epoch(self, epoch: int) -> Dict[str, Any]:
+        if epoch < self.start:
+            return {}
+        shift = project_to_target(self.cost_model)
+        if shift is not None:
+            log.info("projected the gates onto the budget: logits shifted by %.6g, hard cost %.6f (target %.6f)",
+                     -shift, float(self.cost_model.soft_cost().detach()), self.cost_model.target)
+        set_gates_trainable(self.cost_model.layers, False)
+        return {"gates_frozen": True}
+
+    def after_epoch(self, epoch: int, record: Dict[str, Any]) -> None:
+        pass
+
+
+def _gate_settle(cfg, regularizers) -> GateSettle:
+    if "hardware" not in regularizers:
+        raise UserError("in-train pruning reaches its budget through the hardware loss; drop --no-soft-hw")
+    total = cfg.epochs + cfg.warmup_epochs
+    settle = min(max(1, cfg.epochs // 4), total - 1) if cfg.gate_settle_epochs is None else cfg.gate_settle_epochs
+    return GateSettle(regularizers["hardware"], total, settle)
+
+
 REGULARIZERS.add("hardware", _hardware)
 HOOKS.add("dynamic_gamma", lambda cfg, regularizers: DynamicGamma(regularizers["hardware"], cfg.gamma,
                                                                   cfg.gamma_dynamic))
+HOOKS.add("gate_settle", _gate_settle)

@@ -3,16 +3,24 @@
     base     natural training (the config resolver sets --adv_loss nat)
     adv      the --adv_loss objective (PGD-AT, TRADES, MART), after --warmup-epochs of --warmup-loss
     freeadv  Free-AT (Shafahi et al. 2019) with a perturbation that persists across batches and epochs
+    smooth, crown-ibp  Hydra's certified objectives (trainers/certified_training.py)
+    fast     Fast-AT (Wong et al. 2020): one FGSM step of 1.25 eps from a random start, with the catastrophic-
+             overfitting guard (trainers/fast_at.py)
 
 A loop is built once per run by `TRAINERS.get(name)(cfg, threat, device)`; its `train_epoch(...)` returns the
 epoch's averages. A loop with state (Free-AT's perturbation) has `state_dict`/`load_state_dict` and is saved and
-restored through the same generic checkpoint path as the regularizers and hooks.
+restored through the same generic checkpoint path as the regularizers and hooks. A loop may bring per-epoch hooks
+into every mode (`hooks`: registered names, Fast-AT's overfitting guard). A loop may also name its per-epoch
+validation (`validation_method`, see trainers/evaluation/validation.py) and refuse a model it cannot train at
+set-up (`check_model(model)`, called by stage.set_up_training).
 """
 from typing import Dict
 
 import torch
 
+from trainers.certified_training import CrownIBPLoop, SmoothingLoop
 from trainers.engine import FreePerturbation, train_one_epoch, train_one_epoch_free
+from trainers.fast_at import FastATLoop
 from trainers.objectives import ObjectiveSettings, get_objective
 from trainers.threat import ThreatModel
 from utils.registry import Registry
@@ -57,3 +65,6 @@ class FreeATLoop:
 TRAINERS.add("base", ObjectiveLoop)
 TRAINERS.add("adv", ObjectiveLoop)
 TRAINERS.add("freeadv", FreeATLoop)
+TRAINERS.add("smooth", SmoothingLoop)        # randomized smoothing (trainers/certified_training.py)
+TRAINERS.add("crown-ibp", CrownIBPLoop)      # verifiable training (trainers/certified_training.py)
+TRAINERS.add("fast", FastATLoop)             # Fast-AT (trainers/fast_at.py)

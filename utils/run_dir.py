@@ -4,9 +4,11 @@ decisions tied to it: where a stage's source checkpoint is, whether a run starts
   <result_dir>/<arch>/<dataset>/[normalize/]<objective>/pretrain/                       pretrain
   <result_dir>/<arch>/<dataset>/[normalize/]<objective>/<dataset>_<prune_reg>_<stg_id>_<k>/<exp_mode>/
 
-<objective> is the adversarial loss (pgd, trades, mart), `nat` for natural training and `freeadv` for
-Free-AT. `--exp-name` replaces the `pretrain` / `<dataset>_<prune_reg>_<stg_id>_<k>` component of the
-current stage (and of the prune stage a finetune reads from). Inside a run directory:
+<objective> is the adversarial loss (pgd, trades, mart), `nat` for natural training, `freeadv` for
+Free-AT, `fast` for Fast-AT, `smooth` / `gaussian` for randomized smoothing (--smooth-loss kl / gaussian) and
+`crown-ibp`.
+`--exp-name` replaces the `pretrain` / `<dataset>_<prune_reg>_<stg_id>_<k>` component of the current stage
+(and of the prune stage a finetune reads from). Inside a run directory:
 
   config.yaml  train.log  metrics.jsonl  checkpoint/{checkpoint,model_best}[_dense].pth.tar  eval/
 """
@@ -23,12 +25,16 @@ CHECKPOINT_STEMS = {"best": "model_best", "last": "checkpoint", "best_dense": "m
 _CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar", ".ckpt")
 # Options that do not change what a run computes: a rerun may differ in these and still resume.
 RUNTIME_OPTIONS = {"configs", "data_dir", "download", "workers", "device", "gpu", "no_cuda", "print_freq",
-                   "no_progress", "resume", "overwrite", "source_net", "evaluate", "compile"}
+                   "no_progress", "resume", "overwrite", "skip_finished", "source_net", "evaluate", "compile"}
 
 
 def objective_component(cfg) -> str:
-    if cfg.trainer == "freeadv":
-        return "freeadv"
+    if cfg.trainer in ("freeadv", "fast"):  # Free-AT, Fast-AT: their own objectives
+        return cfg.trainer
+    if cfg.trainer == "smooth":  # randomized smoothing: Hydra's KL loss, or Gaussian augmentation
+        return "smooth" if cfg.smooth_loss == "kl" else "gaussian"
+    if cfg.trainer == "crown-ibp":
+        return "crown-ibp"
     if cfg.trainer == "base" or cfg.adv_loss == "nat":
         return "nat"
     return cfg.adv_loss
@@ -42,7 +48,15 @@ def experiment_root(cfg) -> str:
 def default_exp_name(cfg, mode: str) -> str:
     if RECIPES[mode].shares_pretrain_name:
         return "pretrain"
-    return f"{cfg.dataset.lower()}_{cfg.prune_reg}_{cfg.stg_id}_{cfg.k}"
+    return f"{cfg.dataset.lower()}_{cfg.prune_reg}_{strategy_label(cfg.stg_id)}_{cfg.k}"
+
+
+def strategy_label(stg_id: str) -> str:
+    """The --stg_id part of a run name: a built-in id as it is; a strategy file `DIR/NAME.yaml:ID` as `NAME-ID`
+    (`NAME` for a file named without an id), so the name holds neither '/' nor ':'."""
+    path, colon, file_id = stg_id.rpartition(":")
+    stem = os.path.splitext(os.path.basename(path if colon else stg_id))[0]
+    return f"{stem}-{file_id}" if colon else stem
 
 
 def run_dir(cfg, mode: Optional[str] = None, exp_name: Optional[str] = None) -> str:
@@ -118,6 +132,15 @@ def config_differences(stored: Dict, cfg) -> List[str]:
         if key in stored and stored[key] != value:
             diffs.append(f"{key}: {stored[key]!r} -> {value!r}")
     return diffs
+
+
+def finished_with_same_settings(cfg, directory: str) -> bool:
+    """The run directory holds a finished run of exactly these settings (scripts rerun with --skip-finished)."""
+    last = checkpoint_path(directory, "last")
+    if not os.path.exists(last):
+        return False
+    ckpt = load_checkpoint(last)
+    return bool(ckpt.get("finished")) and not config_differences(ckpt.get("config", {}), cfg)
 
 
 def plan_run(cfg, directory: str) -> Optional[Dict]:

@@ -1,6 +1,6 @@
-"""Per-epoch learning-rate schedules of the original (harp-spec §6.5), as pure functions.
+"""Per-epoch learning-rate schedules of the original (the original HARP code's adjust_learning_rate), as pure functions.
 
-The cosine schedule keeps the original's "-1" offset on purpose (DESIGN.md §4): epochs 0 and 2 get the
+The cosine schedule keeps the original's "-1" offset on purpose (README "Differences from the original code"): epochs 0 and 2 get the
 same lr, epoch 1 the full lr, and the last epoch a small positive lr. With a single epoch (epochs = 1) the
 only lr is 0; train.py warns about it.
 """

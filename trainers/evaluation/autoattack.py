@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from trainers.evaluation.ap_protocol import AP_PRESET
 from trainers.evaluation.apgd import torchattacks_norm
 from trainers.evaluation.registry import ATTACKS, AttackSpec
 from trainers.evaluation.scoring import (PassResult, exceeds_budget, project_and_score, result_entry, score_batches,
@@ -50,11 +51,8 @@ from utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
-PRESETS = ("standard", "original")
+PRESETS = ("standard", "original", AP_PRESET)  # the AP benchmark runs official AutoAttack standard
 COMPONENT_NAMES = ("apgd-ce", "apgd-t", "fab-t", "square")
-# Official AutoAttack's checks warn when Square lowers robust accuracy by more than this (percentage points)
-# after the white-box attacks: a sign of gradient masking.
-SQUARE_WARNING_PP = 0.2
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batches = Iterable[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -94,8 +92,8 @@ def target_classes(num_classes: int) -> int:
 
 def build_components(model: nn.Module, preset: str, threat: ThreatModel, *, num_classes: int,
                      seed: int) -> List[Component]:
-    """The ensemble of `preset` ('standard' or 'original') against `threat` (its norm and eps), in run order."""
-    if preset == "standard":
+    """The ensemble of `preset` ('standard', 'ap' or 'original') against `threat` (its norm and eps), in run order."""
+    if preset in ("standard", AP_PRESET):
         return _standard_components(model, threat.norm, threat.eps, num_classes, seed)
     if preset == "original":
         return _original_components(model, threat.norm, threat.eps, num_classes, seed)
@@ -231,7 +229,6 @@ def run_autoattack(model: nn.Module, make_batches: Callable[[], Batches], compon
                 log.warning("%s: %s returned a perturbation of norm %.6g > eps %.6g; those points were projected "
                             "back into the threat model before scoring", desc, component.name,
                             state.max_raw_perturbation, threat.eps)
-        _square_check(per_component, n, desc)
     if keep_adversarial and adversarial is None:
         adversarial = _clean_copy(make_batches)
     return AutoAttackResult(n=n, clean_correct=clean_correct, robust=robust, predictions=predictions,
@@ -283,44 +280,18 @@ class _ComponentState:
 
 
 def _clean_pass(model: nn.Module, make_batches, clean: Optional[PassResult]) -> Tuple[torch.Tensor, torch.Tensor]:
-    x, _ = next(iter(make_batches()), (None, None))
-    if x is None:
-        raise ValueError("AutoAttack got no examples to evaluate")
-    with torch.no_grad():
-        _check_model_output(model, x, model(x))
+    """Labels and clean predictions: the caller's clean pass, else one here. Official AutoAttack's checks
+    (randomised or probability outputs, zero gradients, Square's success) run after all attacks of test.py
+    (trainers/evaluation/masking_checks.py)."""
     if clean is None:
         clean = score_batches(model, make_batches(), collect=True, desc="autoattack clean", show_progress=False)
+    if clean.labels is None:
+        raise ValueError("AutoAttack got no examples to evaluate")
     return clean.labels, clean.predictions
-
-
-def _check_model_output(model, x, logits) -> None:
-    """Two of official AutoAttack's checks (§C.5): deterministic forward, and logits rather than probabilities."""
-    again = model(x)
-    a = logits / logits.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    b = again / again.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    if float((a - b).abs().max()) > 1e-4 or not torch.equal(logits.argmax(1), again.argmax(1)):
-        log.warning("the model's output changes between two forward passes on the same input: it looks "
-                    "randomised, and AutoAttack's standard version assumes a deterministic model")
-    if float(logits.min()) >= 0 and float(logits.max()) <= 1 and torch.allclose(
-            logits.sum(dim=1), torch.ones_like(logits[:, 0]), atol=1e-5):
-        log.warning("the model's outputs look like probabilities (in [0, 1], summing to 1); AutoAttack "
-                    "expects logits")
 
 
 def _clean_copy(make_batches) -> torch.Tensor:
     return torch.cat([x.detach().cpu() for x, _ in make_batches()])
-
-
-def _square_check(per_component: Dict[str, Dict[str, Any]], n: int, desc: str) -> None:
-    if "square" not in per_component or len(per_component) < 2:
-        return
-    names = list(per_component)
-    before = per_component[names[names.index("square") - 1]]["robust_acc"]
-    after = per_component["square"]["robust_acc"]
-    if before - after > SQUARE_WARNING_PP:
-        log.warning("%s: Square (black-box) lowered robust accuracy by %.2f points after the white-box attacks "
-                    "(%.2f%% -> %.2f%%): the gradients may be unreliable (gradient masking)", desc,
-                    before - after, before, after)
 
 
 # ----------------------------------------------------------------------------------------------- registration

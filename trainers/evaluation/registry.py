@@ -16,7 +16,7 @@ module name in `_ATTACK_MODULES` below. The CLI choices come from here.
 """
 import importlib
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,20 @@ class EvalSettings:
     aa_batch_size: int = 1000       # AutoAttack survivors per attacked batch
     balanced: bool = False          # also report balanced accuracy (SVHN, as the paper)
     show_progress: bool = True
+    # randomized-smoothing certification (trainers/evaluation/certified.py; test.py: **certify_settings(cfg))
+    noise_std: float = 0.25         # sigma of the smoothed classifier, [0, 1] input units
+    certify_n0: int = 100           # noise draws per point that select the top class
+    certify_n: int = 10_000         # noise draws per point that bound its probability (and PREDICT's)
+    certify_alpha: float = 0.001    # failure probability of each certificate
+    certify_batch_size: int = 1000  # noisy copies per forward
+    certify_radii: Optional[Tuple[float, ...]] = None  # certified-accuracy radii (None: Cohen et al.'s grid)
+    # FMN (trainers/evaluation/minimum_norm.py; test.py: **fmn_settings(cfg, data, stem))
+    fmn_steps: int = 100            # attack steps (the AP preset: the benchmark's 200)
+    fmn_tune: int = 0               # configurations tried on the tuning points (0: FMN's default configuration)
+    fmn_tune_search: str = "random"  # or "halving" (trainers/fmn_tune.py)
+    tuning_batches: Optional[Callable[[], Iterable[Tuple[torch.Tensor, torch.Tensor]]]] = None  # never test points
+    tuning_split: str = ""          # what tuning_batches are, for the result
+    artifact_stem: Optional[str] = None  # per-point files go to f"{artifact_stem}_<name>..." (beside the JSON)
 
     @property
     def eps(self) -> float:
@@ -68,7 +82,7 @@ class AttackSpec:
 
 
 ATTACKS = Registry("attack")
-_ATTACK_MODULES = ("gradient", "apgd", "autoattack")
+_ATTACK_MODULES = ("gradient", "apgd", "autoattack", "certified", "minimum_norm")
 
 
 def _register_attacks() -> None:
@@ -81,9 +95,17 @@ def attack(name: str) -> AttackSpec:
     return ATTACKS.get(name)
 
 
+def _module_rank(name: str) -> int:
+    """Position of the attack's module in _ATTACK_MODULES, so the order users see does not depend on which
+    module an entry point happened to import first."""
+    spec = ATTACKS.get(name)
+    module = (spec.make or spec.run).__module__.rpartition(".")[2]
+    return _ATTACK_MODULES.index(module) if module in _ATTACK_MODULES else len(_ATTACK_MODULES)
+
+
 def attack_names() -> List[str]:
     _register_attacks()
-    return ATTACKS.in_order()
+    return sorted(ATTACKS.in_order(), key=_module_rank)
 
 
 def batch_attack_names() -> List[str]:
@@ -100,13 +122,14 @@ def suite_names() -> List[str]:
 
 
 def parse_attacks(text: str) -> List[str]:
-    """'all' or a comma-separated list of names -> the names in canonical order (natural always first)."""
+    """'all' or a comma-separated list of names -> the names in canonical order (natural always first);
+    'all,fmn' adds attacks outside 'all'."""
     known = [NATURAL] + attack_names()
     names = [t.strip().lower() for t in str(text).replace(" ", ",").split(",") if t.strip()]
     if not names:
         raise UserError(f"--attacks is empty; choose from: all, {', '.join(known)}")
     if "all" in names:
-        return suite_names()
+        names = suite_names() + [n for n in names if n != "all"]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise UserError(f"unknown attack {unknown[0]!r} in --attacks; choose from: all, {', '.join(known)}")

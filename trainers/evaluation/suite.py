@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch.nn as nn
 
 from configs.errors import UserError
+from trainers.evaluation.masking_checks import gradient_masking_report
 from trainers.evaluation.registry import NATURAL, AttackSpec, EvalSettings, attack
 from trainers.evaluation.scoring import (Batches, PassResult, accuracy, balanced_accuracy, exceeds_budget,
                                          result_entry, score_batches, stderr, worst_case)
@@ -51,7 +52,8 @@ def run_suite(model: nn.Module, make_batches: Callable[[], Batches], attacks: Se
     """Natural accuracy plus each attack in `attacks`; with `epsilons`, a PGD security curve.
 
     Returns {'n', 'natural_acc', 'natural_stderr', ['natural_balanced_acc'], 'attacks': {name: entry},
-    ['security_curve']}. 'natural' is not an entry of 'attacks' (it has no eps); `natural_acc` is always there.
+    'gradient_masking' (trainers/evaluation/masking_checks.py), ['security_curve']}. 'natural' is not an entry of
+    'attacks' (it has no eps); `natural_acc` is always there.
     """
     started = time.time()
     seed_everything(settings.seed)
@@ -76,6 +78,7 @@ def run_suite(model: nn.Module, make_batches: Callable[[], Batches], attacks: Se
             results[name] = run_batch_attack(model, spec, make_batches, local, clean, num_batches)
         log.info("%s: robust accuracy %.2f%% (%.1fs)", name, results[name]["robust_acc"], results[name]["seconds"])
     out["attacks"] = results
+    out["gradient_masking"] = gradient_masking_report(model, make_batches, results)
     if epsilons:
         out["security_curve"] = security_curve(model, make_batches, settings, clean, epsilons, curve_steps,
                                                num_batches)

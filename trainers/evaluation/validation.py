@@ -1,12 +1,58 @@
-"""Per-epoch validation: natural accuracy and, with an attack (`--attack_eval`), adversarial accuracy under the
-configured threat model, as sums that several processes can add up (harp-spec §6.4)."""
-from typing import Dict, Iterable, Optional
+"""Per-epoch validation: natural accuracy and a robust measure, as sums that several processes can add up
+(harp-spec §6.4). The measure is the run's --val-method (Hydra's names, evaluation.md §A.7):
+
+    base          natural accuracy only
+    adv, freeadv  the training loop's robust measure: the attack --attack_eval under the configured threat model,
+                  or the `validation_method` the loop names (--trainer smooth: smooth; crown-ibp: ibp)
+    smooth        accuracy of the smoothed classifier from 10 draws of noise std --noise-std (an estimate, not a
+                  certificate; trainers.smoothing.smoothed_validation)
+    ibp           IBP-verified accuracy at the threat model's Linf eps (trainers.bounds.verification_sums)
+
+train.py: `validate(model, batches, **validation_options(cfg), threat=..., ...)`.
+"""
+from typing import Any, Dict, Iterable, Optional
 
 import torch.nn as nn
 
+from configs.errors import UserError
+from trainers.bounds import IBP, verification_sums
+from trainers.certified_training import IBP_VALIDATION, SMOOTH_VALIDATION
 from trainers.evaluation.registry import EvalSettings, attack
 from trainers.evaluation.scoring import score_batches
-from trainers.threat import ThreatModel
+from trainers.smoothing import smoothed_validation
+from trainers.threat import LINF, ThreatModel
+from trainers.training import TRAINERS
+from utils.progress import progress
+
+BASE, ATTACK = "base", "adv"
+
+
+def _smoothed(model: nn.Module, batches: Iterable, *, threat: ThreatModel,
+              noise_std: Optional[float]) -> Dict[str, float]:
+    if noise_std is None:
+        raise ValueError("smoothed validation needs noise_std")
+    return smoothed_validation(model, batches, sigma=noise_std)
+
+
+def _verified(model: nn.Module, batches: Iterable, *, threat: ThreatModel,
+              noise_std: Optional[float]) -> Dict[str, float]:
+    if threat.norm != LINF:
+        raise UserError("--val-method ibp verifies Linf balls; use --distance l_inf")
+    return verification_sums(model, batches, eps=threat.eps, method=IBP, clip_min=threat.clip_min,
+                             clip_max=threat.clip_max)
+
+
+# Validation measures that are not an attack: name -> fn(model, batches, threat=, noise_std=) -> sums.
+MEASURES = {SMOOTH_VALIDATION: _smoothed, IBP_VALIDATION: _verified}
+
+
+def validation_options(cfg) -> Dict[str, Any]:
+    """validate()'s `method`, `attack_name` and `noise_std` for a run's config: --val-method, where adv/freeadv
+    defer to the `validation_method` of the --trainer loop when it names one."""
+    method = cfg.val_method
+    if method != BASE and method not in MEASURES:
+        method = getattr(TRAINERS.get(cfg.trainer), "validation_method", method)
+    return {"method": method, "attack_name": cfg.attack_eval, "noise_std": cfg.noise_std}
 
 
 def validation_attack(model: nn.Module, name: Optional[str], threat: ThreatModel):
@@ -17,9 +63,16 @@ def validation_attack(model: nn.Module, name: Optional[str], threat: ThreatModel
 
 
 def validate(model: nn.Module, batches: Iterable, *, attack_name: Optional[str], threat: ThreatModel,
-             num_batches: Optional[int] = None, desc: str = "validate", show_progress: bool = True) -> Dict[str, float]:
-    """Sums (not means): n, natural_correct, natural_loss_sum and, with an attack, robust_correct and
-    robust_loss_sum. The model is in eval mode throughout and every module's mode is restored afterwards."""
+             method: str = ATTACK, noise_std: Optional[float] = None, num_batches: Optional[int] = None,
+             desc: str = "validate", show_progress: bool = True) -> Dict[str, float]:
+    """Sums (not means): n, natural_correct, natural_loss_sum and, unless method is base (or an attack method
+    without an attack), robust_correct and robust_loss_sum. The model is in eval mode throughout and every
+    module's mode is restored afterwards."""
+    if method in MEASURES:
+        bar = progress(batches, total=num_batches, desc=desc, enabled=show_progress)
+        return MEASURES[method](model, bar, threat=threat, noise_std=noise_std)
+    if method == BASE:
+        attack_name = None
     result = score_batches(model, batches, attack=validation_attack(model, attack_name, threat), threat=threat,
                            num_batches=num_batches, desc=desc, show_progress=show_progress)
     return {k: float(v) for k, v in result.sums.items()}

@@ -1,0 +1,192 @@
+"""Compute estimate of a plan from scripts/benchmark.py's measured step times (FORMULA below).
+
+A benchmark JSON (python scripts/benchmark.py --device cuda --arch ARCH --dataset DATASET --batch-size B --out F)
+gives, for one architecture and input shape, seconds per image of a plain training step (s_plain), a PGD-10 AT
+step (s_at), a harp_prune PGD-10 step (s_prune), a finetune step relative to a plain one (R3) and an eval forward
+(s_fwd). AutoAttack's cost model is performance.md §3.2's, with the clean and robust fractions assumed at 0.8 and
+0.48 (adversarially trained CIFAR models); it is the least certain term. Stages shared by several cells count once.
+The result is in hours of the benchmark's device (GPU hours when it ran on CUDA), one stage at a time on one device.
+"""
+import json
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from configs.errors import UserError
+from configs.recipes import RECIPES
+from data.info import dataset_info
+from scripts.reproduction.plan import TEST, TRAIN, Graph, Stage
+from trainers.evaluation.registry import parse_attacks
+
+# Training / test split sizes of the standard datasets (torchvision's; digits: this toolkit's fixed split).
+SPLIT_SIZES = {"CIFAR10": (50000, 10000), "CIFAR100": (50000, 10000), "SVHN": (73257, 26032),
+               "MNIST": (60000, 10000), "imagenet": (1281167, 50000), "digits": (1437, 360)}
+FORMULA = """\
+With N training images (the split's size x --data-fraction), M validation images, E epochs (+ warm-up), K attack
+steps (--num-steps) and seconds per image s_* from the benchmark:
+  adversarial step  s_adv(K) = s_plain + K/10 (s_at - s_plain)
+  pretrain          E N s_adv(K)                   (--trainer fast: 2 s_plain; freeadv, base: below)
+  prune             E N s_adv(K) s_prune/s_at      (masked layers learning scores and rates)
+  finetune          E N s_adv(K) R3                (frozen masks)
+  Free-AT           E N m s_plain                  (m = --n-repeats; x s_prune/s_at when pruning, x R3 finetuning)
+  natural training  E N s_plain                    (x R3 when finetuning)
+  validation        V M (s_adv(K) - s_plain + 2 s_fwd)   (V validated epochs; M s_fwd with --val-method base)
+  test              n s_fwd sum_a F_a              (n test images; F_a forward-equivalents per image of attack a:
+                    natural 1, fgsm 3, pgdK 1+2K, cw 41, apgd 501, autoattack 1 + 200 p_clean + 9500 p_robust)"""
+# AutoAttack's survivors (see the module docstring): clean-correct and robust fractions.
+AA_CLEAN, AA_ROBUST = 0.8, 0.48
+
+
+def attack_cost(name: str, preset: str = "standard") -> Optional[float]:
+    """Forward-equivalents per test image of one test.py attack (a backward to the input counts as one forward),
+    None for an attack this model does not know."""
+    pgd = {"pgd10": 10, "pgd20": 20, "pgd50": 50}
+    if name == "natural":
+        return 1.0
+    if name == "fgsm":
+        return 3.0
+    if name in pgd:
+        return 1.0 + 2.0 * pgd[name]
+    if name == "cw":
+        return 1.0 + 2.0 * 20
+    if name == "apgd":
+        return 1.0 + 5 * 50 * 2.0
+    if name == "autoattack":
+        iterations = 10 if preset == "original" else 100
+        survivors = 9 * iterations * 2.0 + 9 * iterations * 3.0 + 5000.0  # APGD-T + FAB-T + Square
+        return 1.0 + AA_CLEAN * 2.0 * iterations + AA_ROBUST * survivors
+    return None
+
+
+@dataclass(frozen=True)
+class Bench:
+    """Seconds per image of the benchmark's configurations, for one arch and input shape."""
+    path: str
+    arch: str
+    shape: Tuple[int, ...]
+    device: str
+    s_plain: float
+    s_at: float
+    s_prune: float
+    r3: float
+    s_fwd: float
+
+
+def load_bench(path: str) -> Bench:
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+        rate = data["images_per_s"]
+        return Bench(path, data["arch"], tuple(data["input_shape"]),
+                     f"{data.get('device_name', data['device'])} ({data['device']})", 1 / rate["plain_train"],
+                     1 / rate["pgd10_at"], 1 / rate["pgd10_harp_prune"], float(data["R3"]), 1 / rate["forward_plain"])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as err:
+        raise UserError(f"{path} is not a scripts/benchmark.py result ({type(err).__name__}: {err})") from None
+
+
+@dataclass
+class StageCost:
+    stage: Stage
+    hours: Optional[float]
+    images: float        # images through a training step (train) or test images (test)
+    missing: str = ""    # why there is no estimate
+
+
+def _bench_for(stage: Stage, benches: Sequence[Bench]) -> Optional[Bench]:
+    info = dataset_info(stage.cfg.dataset, stage.cfg.image_dim)
+    shape = (info.in_channels, info.image_size, info.image_size)
+    return next((b for b in benches if b.arch == stage.cfg.arch and b.shape == shape), None)
+
+
+def stage_cost(stage: Stage, benches: Sequence[Bench]) -> StageCost:
+    cfg = stage.cfg
+    n_train, n_test = SPLIT_SIZES[cfg.dataset]
+    n_train = n_train * cfg.data_fraction
+    if stage.kind == TEST:
+        n = min(cfg.n_examples or n_test, n_test)
+        costs = {a: attack_cost(a, cfg.attack_preset) for a in parse_attacks(cfg.attacks)}
+        unknown = [a for a, c in costs.items() if c is None]
+        bench = _bench_for(stage, benches)
+        if bench is None or unknown:
+            return StageCost(stage, None, n, f"no cost model for {', '.join(unknown)}" if unknown else "")
+        return StageCost(stage, n * bench.s_fwd * sum(costs.values()) / 3600, n)
+    epochs = cfg.epochs + cfg.warmup_epochs
+    bench = _bench_for(stage, benches)
+    if bench is None:
+        return StageCost(stage, None, epochs * n_train)
+    step = _train_step_seconds(stage, bench)
+    if step is None:
+        return StageCost(stage, None, epochs * n_train, f"no cost model for --trainer {cfg.trainer}")
+    n_val = cfg.val_split * n_train if cfg.val_split else n_test
+    validations = math.ceil(epochs / cfg.val_every) + (1 if RECIPES[cfg.exp_mode].masked else 0)
+    s_val = bench.s_fwd if cfg.val_method == "base" else _adv(bench, cfg.num_steps) - bench.s_plain + 2 * bench.s_fwd
+    seconds = epochs * n_train * step + validations * n_val * s_val
+    return StageCost(stage, seconds / 3600, epochs * n_train)
+
+
+def _adv(bench: Bench, steps: int) -> float:
+    return bench.s_plain + steps / 10 * (bench.s_at - bench.s_plain)
+
+
+def _train_step_seconds(stage: Stage, bench: Bench) -> Optional[float]:
+    """Seconds per training image of one step of this stage."""
+    cfg, spec = stage.cfg, RECIPES[stage.mode]
+    pruning = spec.masked and not spec.freeze_masks
+    masks = bench.s_prune / bench.s_at if pruning else (bench.r3 if spec.masked else 1.0)
+    if cfg.trainer == "freeadv":
+        return cfg.n_repeats * bench.s_plain * masks
+    if cfg.trainer == "fast":
+        return 2 * bench.s_plain * masks
+    if cfg.trainer == "base" or cfg.adv_loss == "nat":
+        return bench.s_plain * masks
+    if cfg.trainer == "adv":
+        return _adv(bench, cfg.num_steps) * masks
+    return None
+
+
+def estimate(graph: Graph, benches: Sequence[Bench]) -> Dict[str, List[StageCost]]:
+    """Every stage's cost, grouped by dataset (one table per dataset)."""
+    out: Dict[str, List[StageCost]] = {}
+    for stage in graph.stages.values():
+        out.setdefault(stage.cfg.dataset, []).append(stage_cost(stage, benches))
+    return out
+
+
+def report(graph: Graph, benches: Sequence[Bench]) -> List[str]:
+    """Lines: per table (dataset) the hours per stage kind and in total, and what is missing for the rest."""
+    lines = []
+    needed: Dict[Tuple[str, str], str] = {}
+    devices = sorted({b.device for b in benches})
+    unit = "GPU hours" if any("(cuda" in d for d in devices) else "device hours"
+    for dataset, costs in estimate(graph, benches).items():
+        by_kind: Dict[str, float] = {}
+        images = 0.0
+        for cost in costs:
+            if cost.stage.kind == TRAIN:
+                images += cost.images
+            if cost.hours is not None:
+                by_kind[cost.stage.stage] = by_kind.get(cost.stage.stage, 0.0) + cost.hours
+            elif not cost.missing:
+                needed[(cost.stage.cfg.arch, dataset)] = (
+                    f"python scripts/benchmark.py --device cuda --arch {cost.stage.cfg.arch} --dataset {dataset} "
+                    f"--batch-size {cost.stage.cfg.batch_size} --out bench-{cost.stage.cfg.arch}-{dataset}.json")
+        trains = sum(1 for c in costs if c.stage.kind == TRAIN)
+        tests = len(costs) - trains
+        known = [c for c in costs if c.hours is not None]
+        lines.append(f"{dataset}: {trains} train stages ({images / 1e6:.2f}M training images through a step), "
+                     f"{tests} tests")
+        if known:
+            parts = ", ".join(f"{kind} {hours:.1f}" for kind, hours in by_kind.items())
+            lines.append(f"  {sum(by_kind.values()):.1f} {unit} for {len(known)} of {len(costs)} stages "
+                         f"({parts})")
+        for cost in costs:
+            if cost.missing:
+                lines.append(f"  {cost.stage.label}: {cost.missing}")
+    if needed:
+        lines.append("no benchmark for these (arch, dataset) pairs; measure them with:")
+        lines += [f"  {command}" for command in needed.values()]
+    if benches:
+        lines.append("from " + ", ".join(f"{b.path} ({b.arch}, {b.device})" for b in benches))
+    else:
+        lines += FORMULA.splitlines()
+    return lines

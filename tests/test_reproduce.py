@@ -1,0 +1,477 @@
+"""scripts/reproduce.py: plans expanded into the stage graph, local runs (with a stub interpreter standing in for
+train.py/test.py), stage states, SLURM submission against a fake sbatch, tables of the finished cells and the compute
+estimate. The real digits plan is measured in the README, not run here."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import yaml
+
+from configs.errors import UserError
+from configs.schema import config_to_dict
+from scripts import reproduce
+from scripts.reproduction import estimate, local, slurm, state
+from scripts.reproduction.plan import expand, load_plan, method_modes
+from stage import option_choices
+from tests.conftest import ROOT
+from tests.test_tables import result as fake_result
+from utils.checkpoint import save_atomic
+from utils.run_dir import checkpoint_path
+
+PLANS = os.path.join(ROOT, "scripts", "plans")
+
+
+def graph_of(path, result_dir=None):
+    return expand(load_plan(path, result_dir), option_choices())
+
+
+def write_plan(tmp_path, **fields):
+    plan = {"name": "t", "result_dir": str(tmp_path / "results"), "datasets": ["digits"], "archs": ["small_cnn"],
+            "methods": ["dense", "LWM", "HARP"], "granularities": {"weight": [0.1]},
+            "flags": {"test": {"attacks": "natural"}}}
+    plan.update(fields)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return str(path)
+
+
+def option(argv, flag):
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+# ----------------------------------------------------------------------------------------------- expansion
+def test_harp_cifar10_dry_run_lists_each_stage_once_with_its_flags_and_dependencies(capsys):
+    path = os.path.join(PLANS, "harp-cifar10.yaml")
+    with open(path) as fh:
+        spec = yaml.safe_load(fh)
+    assert reproduce.main([path, "--dry-run", "--json", "--python", "python"]) == 0
+    stages = json.loads(capsys.readouterr().out)
+    by_id = {s["id"]: s for s in stages}
+    commands = [" ".join(s["command"]) for s in stages]
+    assert len(set(commands)) == len(commands) and len({s["key"] for s in stages}) == len(stages)
+
+    archs, settings = spec["archs"], sum(len(ks) for ks in spec["granularities"].values())
+    train_modes_per_setting = {"lwm_finetune", "score_prune", "score_finetune", "rate_prune", "rate_finetune",
+                               "harp_prune", "harp_finetune"}
+    trains = [s for s in stages if s["kind"] == "train"]
+    tests = [s for s in stages if s["kind"] == "test"]
+    assert len(trains) == len(archs) * (1 + settings * len(train_modes_per_setting))  # one pretrain per arch
+    assert len(tests) == len(archs) * (1 + settings * 4)                                # dense + 4 pruned methods
+    for s in stages:
+        argv = s["command"][2:]
+        assert s["command"][:2] == ["python", "train.py" if s["kind"] == "train" else "test.py"]
+        assert option(argv, "--dataset") == "CIFAR10" and option(argv, "--adv-loss") == "pgd"
+        assert all(by_id[d]["id"] < s["id"] for d in s["after"])  # dependencies come first
+        if s["kind"] == "test":
+            assert option(argv, "--attacks") == spec["flags"]["test"]["attacks"]
+            assert "--epochs" not in argv and "--skip-finished" not in argv
+            (dep,) = s["after"]
+            trained = by_id[dep]
+            assert trained["kind"] == "train" and trained["mode"] == s["mode"]
+            assert s["result"] == os.path.join(trained["run_dir"], "eval", "model_best_standard.json")
+            continue
+        assert "--skip-finished" in argv and option(argv, "--result-dir") == "trained_models"
+        expected_epochs = spec["flags"][s["stage"]]["epochs"]
+        assert option(argv, "--epochs") == str(expected_epochs)
+        if s["mode"] == "pretrain":
+            assert s["after"] == [] and "--k" not in argv and "--stg-id" not in argv
+            continue
+        granularity = option(argv, "--prune-reg")
+        assert float(option(argv, "--k")) in spec["granularities"][granularity]
+        assert option(argv, "--stg-id") == spec["flags"][granularity]["stg_id"]
+        assert option(argv, "--gamma") == ("0.01" if s["stage"] == "prune" else None)
+        (dep,) = s["after"]
+        source = by_id[dep]
+        wanted = {"lwm_finetune": "pretrain", "score_prune": "pretrain", "rate_prune": "pretrain",
+                  "harp_prune": "pretrain", "score_finetune": "score_prune", "rate_finetune": "rate_prune",
+                  "harp_finetune": "harp_prune"}[s["mode"]]
+        assert source["mode"] == wanted and option(source["command"][2:], "--arch") == option(argv, "--arch")
+        if wanted != "pretrain":  # the same cell's prune stage: same k, granularity and start strategy
+            source_argv = source["command"][2:]
+            for flag in ("--k", "--prune-reg", "--stg-id"):
+                assert option(source_argv, flag) == option(argv, flag)
+
+
+def test_text_dry_run_names_every_stage_and_what_it_waits_for(capsys):
+    assert reproduce.main([os.path.join(PLANS, "digits.yaml"), "--dry-run", "--python", "python"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("plan digits: 13 cells, 34 stages (21 train, 13 test)")
+    assert out[1] == "[1] pretrain digits small_cnn pgd" and out[3] == "    after: -"
+    assert out[2].startswith("    python train.py --dataset digits --arch small_cnn --adv-loss pgd --exp-mode pretrain")
+    assert "    after: [1]" in out
+
+
+@pytest.mark.parametrize("plan", sorted(os.listdir(PLANS)))
+def test_every_shipped_plan_expands(plan):
+    graph = graph_of(os.path.join(PLANS, plan))
+    assert graph.cells and all(cell.test in graph.stages for cell in graph.cells)
+    for stage in graph.stages.values():
+        assert all(dep in graph.stages for dep in stage.deps)
+
+
+def test_ap_benchmark_plan_is_the_benchmarks_protocol():
+    graph = graph_of(os.path.join(PLANS, "ap-benchmark.yaml"))
+    pruned = [c for c in graph.cells if c.granularity]
+    assert {(c.granularity, c.k) for c in pruned} == {("weight", 0.1), ("weight", 0.05), ("weight", 0.01),
+                                                      ("channel", 0.5), ("channel", 0.25), ("channel", 0.1)}
+    assert {c.dataset for c in graph.cells} == {"CIFAR10", "SVHN"} and {c.arch for c in graph.cells} == {"resnet18",
+                                                                                                     "vgg16_bn"}
+    tests = [s for s in graph.stages.values() if s.kind == "test"]
+    assert all(s.cfg.attack_preset == "ap" and s.result.endswith("model_best_ap.json") for s in tests)
+
+
+def test_seeds_get_their_own_subtrees_and_pretrains(tmp_path):
+    graph = graph_of(write_plan(tmp_path, seeds=[1, 2], methods=["HARP"]))
+    pretrains = [s for s in graph.stages.values() if s.mode == "pretrain"]
+    assert sorted(s.cfg.seed for s in pretrains) == [1, 2]
+    assert sorted(os.path.relpath(s.run_dir, str(tmp_path / "results")).split(os.sep)[0] for s in pretrains) == \
+        ["seed1", "seed2"]
+    assert sorted(c.seed for c in graph.cells) == [1, 2]
+    for stage in graph.stages.values():
+        assert stage.cfg.seed == int(option(list(stage.argv), "--seed"))
+
+
+def test_more_specific_flags_win(tmp_path):
+    flags = {"all": {"no_progress": True}, "train": {"epochs": 3}, "prune": {"epochs": 4}, "harp_prune": {"epochs": 5},
+             "train+weight": {"gamma": 0.2}, "test": {"attacks": "natural"}, "test+harp_finetune": {"n_examples": 7},
+             "channel": {"stg_id": "original"}}
+    graph = graph_of(write_plan(tmp_path, methods=["dense", "Hydra", "HARP"], flags=flags,
+                                granularities={"weight": [0.1], "channel": [0.5]}))
+    stages = {(s.kind, s.mode, s.cfg.prune_reg if s.mode != "pretrain" else None): s.cfg
+              for s in graph.stages.values()}
+    assert stages[("train", "pretrain", None)].epochs == 3
+    assert stages[("train", "score_prune", "weight")].epochs == 4
+    assert stages[("train", "harp_prune", "weight")].epochs == 5 and stages[("train", "harp_prune", "weight")].gamma == 0.2
+    assert stages[("train", "harp_prune", "channel")].gamma != 0.2 and stages[("train", "harp_prune", "channel")].stg_id == "original"
+    assert stages[("test", "harp_finetune", "weight")].n_examples == 7
+    assert stages[("test", "score_finetune", "weight")].n_examples is None
+    assert stages[("train", "pretrain", None)].stg_id == "010_uni"  # granularity sections skip unmasked stages
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"flags": {"tset": {"attacks": "natural"}}}, "unknown selector 'tset'"),
+    ({"flags": {"all": {"epoch": 3}}}, "unknown option 'epoch'"),
+    ({"flags": {"all": {"k": 0.5}}}, "is not allowed"),
+    ({"flags": {"all": {"lr": 0.5}}}, "put it under a `train` selector"),
+    ({"methods": ["HARPP"]}, "unknown method 'HARPP'"),
+    ({"granularities": {"filter": [0.5]}}, "unknown granularity"),
+    ({"granularities": {}}, "no `granularities`"),
+    ({"objectives": ["pgdd"]}, "unknown objective"),
+    ({"flags": {"prune": {"stg_id": "001_uni"}}}, "would start from"),
+    ({"colect": {}}, "unknown key 'colect'"),
+])
+def test_plan_mistakes_are_one_line_errors(tmp_path, fields, message):
+    with pytest.raises(UserError, match=message):
+        graph_of(write_plan(tmp_path, **fields))
+
+
+def test_methods_by_label_or_mode():
+    assert method_modes("Hydra") == method_modes("hydra (score)") == ["score_finetune"]
+    assert method_modes("dense") == ["pretrain"] and method_modes("harp-prune") == ["harp_prune"]
+    assert method_modes("LWM") == ["lwm_finetune"] and method_modes("rate") == ["rate_finetune"]
+
+
+# ----------------------------------------------------------------------------------------------- running
+STUB = """\
+#!{python}
+# Stands in for `python train.py|test.py ARGS`: logs the call, fails or sleeps when told, else marks it done.
+import hashlib, os, sys, time
+out = os.environ["STUB_DIR"]
+args = sys.argv[1:]
+with open(os.path.join(out, "calls.log"), "a") as fh:
+    fh.write(" ".join(args) + "\\n")
+mode = args[args.index("--exp-mode") + 1]
+if mode in os.environ.get("STUB_FAIL", "").split(","):
+    print(f"{{args[0]}}: error: {{mode}} broke", file=sys.stderr)
+    sys.exit(2)
+if mode in os.environ.get("STUB_SLEEP", "").split(","):
+    with open(os.path.join(out, "sleeper.pid"), "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(60)
+open(os.path.join(out, hashlib.sha1(" ".join(args).encode()).hexdigest()), "w").close()
+print("stub done")
+"""
+
+
+@pytest.fixture
+def stub(tmp_path, monkeypatch):
+    folder = tmp_path / "stub"
+    folder.mkdir()
+    path = folder / "python"
+    path.write_text(STUB.format(python=sys.executable))
+    path.chmod(0o755)
+    monkeypatch.setenv("STUB_DIR", str(folder))
+    return path
+
+
+def stub_done(folder):
+    def done(stage):
+        return (folder / hashlib.sha1(" ".join([stage.script, *stage.argv]).encode()).hexdigest()).exists()
+    return done
+
+
+def calls(folder):
+    log = folder / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_local_run_continues_past_a_failed_branch_and_a_rerun_finishes_only_what_is_missing(tmp_path, stub,
+                                                                                             monkeypatch):
+    graph = graph_of(write_plan(tmp_path, methods=["dense", "LWM", "HARP"]))
+    markers = state.Markers(state.state_root(graph.plan.result_dir))
+    done, lines = stub_done(stub.parent), []
+    monkeypatch.setenv("STUB_FAIL", "harp_prune")
+    outcome = local.run_graph(graph, str(stub), markers, say=lines.append, done=done)
+    by_mode = {s.mode + ("/test" if s.kind == "test" else ""): s.key for s in graph.stages.values()}
+    assert list(outcome.failed) == [by_mode["harp_prune"]] and not outcome.ok
+    assert set(outcome.blocked) == {by_mode["harp_finetune"], by_mode["harp_finetune/test"]}
+    assert len(outcome.succeeded) == 4  # pretrain, lwm_finetune and their tests
+    failure = markers.failed(by_mode["harp_prune"])
+    assert failure["returncode"] == 2 and "harp_prune broke" in failure["tail"][-1]
+    assert "harp_prune broke" in open(markers.log_path(by_mode["harp_prune"])).read()
+    assert markers.running(by_mode["harp_prune"]) is None
+    first = calls(stub.parent)
+    assert len(first) == 5
+
+    monkeypatch.delenv("STUB_FAIL")
+    outcome = local.run_graph(graph, str(stub), markers, say=lines.append, done=done)
+    assert outcome.ok and len(outcome.skipped) == 4 and len(outcome.succeeded) == 3
+    rerun = calls(stub.parent)[len(first):]
+    assert [option(c.split(), "--exp-mode") for c in rerun] == ["harp_prune", "harp_finetune", "harp_finetune"]
+    assert markers.failed(by_mode["harp_prune"]) is None
+
+
+def test_ctrl_c_stops_the_stage_and_leaves_it_unfinished_not_failed(tmp_path, stub, monkeypatch):
+    graph = graph_of(write_plan(tmp_path, methods=["dense"]))
+    markers = state.Markers(state.state_root(graph.plan.result_dir))
+    monkeypatch.setenv("STUB_SLEEP", "pretrain")
+    pretrain = next(iter(graph.stages.values()))
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.time()
+    with pytest.raises(local.Interrupted):
+        local.run_graph(graph, str(stub), markers, say=lambda line: None, done=stub_done(stub.parent))
+    assert time.time() - started < 15
+    pid = int((stub.parent / "sleeper.pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the stage's process is gone
+    assert markers.running(pretrain.key) is None and markers.failed(pretrain.key) is None
+
+
+def test_a_stage_dies_with_its_killed_runner(tmp_path, stub, monkeypatch):
+    """SIGKILL of the runner must not leave the stage writing into the run directory a rerun will resume."""
+    monkeypatch.setenv("STUB_SLEEP", "pretrain")
+    code = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {ROOT!r})
+        from scripts.reproduction.local import run_command
+        from scripts.reproduction.state import Markers
+        run_command("train/x", [{str(stub)!r}, "train.py", "--exp-mode", "pretrain"], Markers({str(tmp_path / "m")!r}))
+    """)
+    runner = subprocess.Popen([sys.executable, "-c", code])
+    pid_file = stub.parent / "sleeper.pid"
+    deadline = time.time() + 30
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    runner.kill()
+    runner.wait()
+    pid = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the stage outlived its runner")
+    markers = state.Markers(str(tmp_path / "m"))
+    assert markers.running("train/x") is not None  # left behind by the killed runner ...
+    assert markers.running("train/x", now=time.time() + state.STALE_S + 1) is None  # ... and it goes stale
+
+
+# ----------------------------------------------------------------------------------------------- states
+def finish_train(stage, **changes):
+    cfg = config_to_dict(stage.cfg)
+    cfg.update(changes)
+    ckpt = {"epoch": stage.cfg.epochs, "finished": True, "config": cfg}
+    save_atomic(ckpt, checkpoint_path(stage.run_dir, "last"))
+    save_atomic(ckpt, checkpoint_path(stage.run_dir, "best"))
+
+
+def finish_test(stage, seed=None):
+    cfg = {"seed": stage.cfg.seed if seed is None else seed}
+    data = fake_result(stage.cfg.arch, stage.mode, stage.cfg.k or 1.0, 90.0 + (seed or 0), 80.0 - (seed or 0),
+                       dataset=stage.cfg.dataset, prune_reg=stage.cfg.prune_reg, attack="natural", n=360)
+    data.update(checkpoint=stage.checkpoint, train_config=cfg)
+    os.makedirs(os.path.dirname(stage.result), exist_ok=True)
+    with open(stage.result, "w") as fh:
+        json.dump(data, fh)
+
+
+def test_status_reports_done_running_failed_and_missing(tmp_path, capsys):
+    path = write_plan(tmp_path, methods=["dense", "LWM", "HARP"], granularities={"weight": [0.1, 0.01]})
+    graph = graph_of(path)
+    stages = list(graph.stages.values())
+    markers = state.Markers(state.state_root(graph.plan.result_dir))
+    pretrain, pretrain_test = stages[0], stages[1]
+    finish_train(pretrain)
+    finish_test(pretrain_test)
+    lwm = [s for s in stages if s.mode == "lwm_finetune" and s.kind == "train"]
+    markers.start(lwm[0].key, ["x"])                  # running
+    markers.start(lwm[1].key, ["x"])
+    markers.finish(lwm[1].key, 2, ["train.py: error: boom"])  # failed
+    harp = [s for s in stages if s.mode == "harp_prune"][0]
+    finish_train(harp, epochs=harp.cfg.epochs + 1)    # a finished run with other settings: missing
+    assert state.stage_state(harp, markers).state == state.MISSING
+    assert "other settings" in state.stage_state(harp, markers).detail
+
+    assert reproduce.main([path, "--status", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    cells = {(c["method"], c["k"]): c["state"] for c in report["cells"]}
+    assert cells == {("dense", None): "done", ("LWM", 0.1): "running", ("LWM", 0.01): "failed",
+                     ("HARP", 0.1): "missing", ("HARP", 0.01): "missing"}
+    assert reproduce.main([path, "--status"]) == 0
+    text = capsys.readouterr().out
+    assert "5 cells: 1 done, 1 running, 1 failed, 2 missing" in text and "boom" in text
+
+
+def test_collect_writes_tables_and_a_plot_of_the_finished_cells_with_seeds_aggregated(tmp_path):
+    path = write_plan(tmp_path, seeds=[1, 2], methods=["dense", "HARP"], collect={"attack": "natural"})
+    graph = graph_of(path)
+    for stage in graph.stages.values():
+        if stage.kind == "train":
+            finish_train(stage)
+    for cell in graph.cells:
+        if cell.method == "dense":  # the HARP cells stay unfinished
+            finish_test(graph.stages[cell.test], seed=cell.seed)
+    out = tmp_path / "tables"
+    assert reproduce.main([path, "--collect", "--out", str(out)]) == 0
+    table = (out / "table.md").read_text()
+    assert "| dense | – | 91.50 ± 0.71 / 78.50 ± 0.71 (n=2) |" in table and "HARP" not in table
+    assert (out / "table.csv").read_text().startswith("dataset,method")
+    assert "\\toprule" in (out / "table.tex").read_text()
+    assert (out / "accuracy_sparsity.png").stat().st_size > 0
+
+
+def test_collect_without_finished_cells_says_so(tmp_path, capsys):
+    assert reproduce.main([write_plan(tmp_path), "--collect"]) == 2
+    assert "no cell of plan t is finished yet" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- SLURM
+FAKE_SBATCH = """\
+#!{python}
+# Records its arguments and prints the next job id, as `sbatch --parsable` does.
+import json, os, sys
+log = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sbatch.jsonl")
+count = sum(1 for _ in open(log)) if os.path.exists(log) else 0
+with open(log, "a") as fh:
+    fh.write(json.dumps(sys.argv[1:]) + "\\n")
+print(f"{{4100 + count}};cluster")
+"""
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "sbatch").write_text(FAKE_SBATCH.format(python=sys.executable))
+    (folder / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    return folder / "sbatch.jsonl"
+
+
+def submitted(log):
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_slurm_submits_one_array_per_stage_each_after_the_previous(tmp_path, fake_sbatch, stub, capsys):
+    path = write_plan(tmp_path, methods=["dense", "LWM", "HARP"], granularities={"weight": [0.1, 0.01]},
+                      slurm={"gpus": 1, "time": {"pretrain": "10:00:00", "default": "2:00:00"}, "max_parallel": 4})
+    assert reproduce.main([path, "--slurm", "--partition", "gpu", "--sbatch-arg=--account=abc",
+                           "--python", str(stub)]) == 0
+    jobs = submitted(fake_sbatch)
+    assert [option_value(j, "--job-name") for j in jobs] == ["harp-t-pretrain", "harp-t-prune", "harp-t-finetune",
+                                                             "harp-t-test"]
+    # pretrain: 1; prune: harp_prune x2; finetune: lwm x2 + harp x2; test: dense + 4
+    assert [option_value(j, "--array") for j in jobs] == ["0-0%4", "0-1%4", "0-3%4", "0-4%4"]
+    assert [option_value(j, "--dependency") for j in jobs] == [None, "afterok:4100", "afterok:4101", "afterok:4102"]
+    assert all("--kill-on-invalid-dep=yes" in j for j in jobs[1:])
+    assert all("--parsable" in j and "--partition=gpu" in j and "--gpus-per-node=1" in j and "--account=abc" in j
+               for j in jobs)
+    assert [option_value(j, "--time") for j in jobs] == ["10:00:00", "2:00:00", "2:00:00", "2:00:00"]
+
+    graph = graph_of(path)
+    script = jobs[1][-1]
+    text = open(script).read()
+    assert f"cd {ROOT}" in text and "scripts/reproduce.py --exec-task" in text and "${SLURM_ARRAY_TASK_ID}" in text
+    tasks_file = text.split("--exec-task ")[1].split()[0]
+    tasks = [json.loads(line) for line in open(tasks_file)]
+    assert [t["key"] for t in tasks] == [s.key for s in graph.stages.values() if s.stage == "prune"]
+    assert tasks[0]["command"] == graph.stages[tasks[0]["key"]].command(str(stub))
+
+    # one array task, as SLURM would start it: the stage's command with its markers
+    assert reproduce.main(["--exec-task", tasks_file, "1"]) == 0
+    assert calls(stub.parent) == [" ".join(tasks[1]["command"][1:])]
+    markers = state.Markers(state.state_root(graph.plan.result_dir))
+    assert markers.running(tasks[1]["key"]) is None and markers.failed(tasks[1]["key"]) is None
+    assert "job array 4103 with 5 task(s), after job 4102" in capsys.readouterr().out
+
+
+def option_value(args, name):
+    found = [a.split("=", 1)[1] for a in args if a.startswith(name + "=")]
+    return found[0] if found else None
+
+
+def test_slurm_resubmission_skips_done_stages_and_refuses_while_stages_run(tmp_path, fake_sbatch):
+    path = write_plan(tmp_path, methods=["dense", "LWM"])
+    graph = graph_of(path)
+    pretrain, pretrain_test, lwm, lwm_test = graph.stages.values()
+    finish_train(pretrain)
+    finish_test(pretrain_test)
+    assert reproduce.main([path, "--slurm"]) == 0
+    jobs = submitted(fake_sbatch)
+    assert [option_value(j, "--job-name") for j in jobs] == ["harp-t-finetune", "harp-t-test"]
+    assert option_value(jobs[0], "--dependency") is None and option_value(jobs[1], "--dependency") == "afterok:4100"
+    assert "--gpus-per-node=1" not in jobs[0]
+
+    state.Markers(state.state_root(graph.plan.result_dir)).start(lwm.key, ["x"])
+    with pytest.raises(UserError, match="running"):
+        slurm.submit(graph, "python", state.Markers(state.state_root(graph.plan.result_dir)), {}, say=lambda s: None)
+
+
+def test_multi_gpu_train_tasks_run_under_torchrun(tmp_path):
+    graph = graph_of(write_plan(tmp_path, methods=["dense"]))
+    pretrain, pretrain_test = graph.stages.values()
+    markers = state.Markers(str(tmp_path / "m"))
+    assert slurm._task(pretrain, "py", markers, 4)["command"][:5] == ["py", "-m", "torch.distributed.run",
+                                                                      "--standalone", "--nproc-per-node=4"]
+    assert slurm._task(pretrain_test, "py", markers, 4)["command"][:2] == ["py", "test.py"]
+
+
+# ----------------------------------------------------------------------------------------------- estimate
+def test_estimate_follows_the_documented_formula(tmp_path):
+    path = write_plan(tmp_path, methods=["dense"], flags={"pretrain": {"epochs": 2}, "test": {"attacks": "natural,pgd10"}})
+    graph = graph_of(path)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"arch": "small_cnn", "input_shape": [1, 8, 8], "device": "cpu",
+                                 "images_per_s": {"plain_train": 1000.0, "pgd10_at": 100.0, "pgd10_harp_prune": 80.0,
+                                                  "forward_plain": 5000.0}, "R3": 1.0}))
+    pretrain, test = graph.stages.values()
+    benches = [estimate.load_bench(str(bench))]
+    # 2 epochs x 1437 images x 1/100 s, plus 2 validations x 360 images x (PGD-10 attack 0.01 - 0.001 + 2 forwards)
+    assert estimate.stage_cost(pretrain, benches).hours * 3600 == pytest.approx(2 * 1437 / 100 + 2 * 360 * 0.0094)
+    # 360 test images x (natural 1 + PGD-10 21 forward-equivalents) x 1/5000 s
+    assert estimate.stage_cost(test, benches).hours * 3600 == pytest.approx(360 * 22 / 5000)
+    lines = estimate.report(graph, benches)
+    assert any("device hours" in line for line in lines)
+    missing = estimate.report(graph, [])
+    assert any("scripts/benchmark.py --device cuda --arch small_cnn --dataset digits" in line for line in missing)
+    assert any("s_adv(K)" in line for line in missing)  # the formula, for want of a benchmark
