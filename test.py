@@ -4,7 +4,7 @@
 
 finds the run's best checkpoint (the same run directory train.py used), rebuilds the model from the config
 stored in it, and evaluates it on the whole test set (or the first --n-examples) under --attacks:
-natural, fgsm, pgd10, pgd20, pgd50, cw, apgd and autoattack (DESIGN.md §5; trainers/evaluation/). Results go to
+natural, fgsm, pgd10, pgd20, pgd50, cw, apgd and autoattack (trainers/evaluation/). Results go to
 <run dir>/eval/<checkpoint stem>_<attack preset>.json and, with --results-file, to a chosen path too.
 
 Also evaluates checkpoints of the original HARP/Hydra code (--source-net PATH: a state_dict with popup_scores

@@ -1,4 +1,4 @@
-"""The hardware (compression) loss and HARP's dynamic gamma (harp-spec §5), for any architecture.
+"""The hardware (compression) loss and HARP's dynamic gamma (HARP paper Sec. 3; the original's utils/hw.py, github.com/intellisec/harp), for any architecture.
 
 L_hw = max(a / a_target - 1, 0), where a is differentiable in every layer's soft keep rate k_l:
 - weight granularity: a = sum_l n_l k_l / sum_l n_l (parameter-weighted keep), a_target = k;
@@ -7,7 +7,7 @@ L_hw = max(a / a_target - 1, 0), where a is differentiable in every layer's soft
   among the layers that consume its output (1 for a network output); a_target is the same ratio with
   every k_l = k (about k^2).
 The original instead used hand-written per-architecture FLOP tables and the *next layer in registration
-order* as the output rate, which is wrong across ResNet shortcuts (harp-spec §11.1 item 5).
+order* as the output rate, which is wrong across ResNet shortcuts (a bug of the original code; README, Differences from the original code).
 """
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Tuple

@@ -1,4 +1,4 @@
-"""In-train pruning's trainable gates (Vemparala et al., CVPR 2021 workshop SAIAD; seeds-other-systems §5).
+"""In-train pruning's trainable gates (Vemparala et al., CVPR 2021 workshop SAIAD).
 
 Every prunable weight (weight granularity) or input channel (channel granularity) has a trainable gate logit m.
 The binary mask is M = round(0.5 * tanh(m) + 0.5), i.e. tanh, scale, shift and round to {0, 1} (M = 1 iff m > 0),
@@ -25,7 +25,7 @@ Reconstruction choices (the seed states none of these; no public code exists):
 The layers keep HARP's checkpoint layout: the logits are stored as `popup_scores`, and `k_score` is a buffer that
 holds the layer's kept fraction as HARP's rate logit (derived from the gates at every mask refresh, never
 trained), so the loaders, test.py, dense export and sparsity reports treat a gate model as any pruned model.
-Speed as HARP's layers (DESIGN.md §7): the mask is refreshed once per optimizer step, frozen masks run as plain
+Speed as HARP's layers (ARCHITECTURE.md): the mask is refreshed once per optimizer step, frozen masks run as plain
 layers.
 """
 import logging

@@ -2,7 +2,7 @@
 
 Parameters keep the original HARP/Hydra names (`popup_scores`, `k_score`) so their checkpoints load.
 
-Speed (DESIGN.md §7): the mask and W*M are computed once per optimizer step, not once per forward. They
+Speed (ARCHITECTURE.md): the mask and W*M are computed once per optimizer step, not once per forward. They
 are cached under the version counters of W, the scores and the rate logit, which every in-place update
 (optimizer step, load_state_dict) bumps; the ten attack forwards of a PGD step and the training forward
 all reuse them, and a forward adds one autograd node and no arithmetic. Once masks are frozen
@@ -25,7 +25,7 @@ LEARN, FROZEN = "learn", "frozen"
 
 
 class _StraightThroughMaskedWeight(torch.autograd.Function):
-    """W_eff = W * M(scores, k) with HARP's straight-through backward (harp-spec §4.3).
+    """W_eff = W * M(scores, k) with HARP's straight-through backward (the original's GetSubnet, github.com/intellisec/harp models/layers.py).
 
     Forward returns the cached W*M. Backward, with g = dL/dW_eff and gM = g*W summed to the score shape:
     dL/dW = g*M, dL/dscores = gM*sign(scores), dL/dk = sum(gM), passed to the logit r through

@@ -3,7 +3,7 @@
     python test.py --source-net RUN/checkpoint/model_best.pth.tar --attack-preset ap      # the benchmark's evaluation
     python scripts/ap_submit.py RUN/checkpoint/model_best.pth.tar --ap-method HARP_Zhao2023Holistic [--output DIR]
 
-prints the benchmark's model key `{method}_{R18|V16}_{CIFAR10|SVHN}_{US|S}_{sparsity}` (reference/evaluation.md
+prints the benchmark's model key `{method}_{R18|V16}_{CIFAR10|SVHN}_{US|S}_{sparsity}` (the benchmark's README
 §B.5) and writes into DIR (default: <run dir>/ap_submission):
 
     {key}.pt       {"state_dict": ...}: every mask folded into its weight (pruned weights are zeros), no scores or

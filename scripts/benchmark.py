@@ -1,4 +1,4 @@
-"""Speed ratios of the training and export paths, measured in one process (DESIGN.md §7, performance.md §6.3).
+"""Speed ratios of the training and export paths, measured in one process (README, Speed and scale).
 
     python scripts/benchmark.py --device cpu --arch vgg16_bn --batch-size 32 --out bench.json
     python scripts/benchmark.py --device cuda --arch resnet18 --batch-size 512 --bf16 --channels-last
@@ -76,7 +76,7 @@ RECIPE_SWITCHES = {"pretrain": dict(trainer="adv", adv_loss="pgd"),
                    "harp_prune": dict(trainer="adv", adv_loss="pgd", scaled_score_init=True, rate_stg_init=True,
                                       soft_hw=True),
                    "harp_finetune": dict(trainer="base", adv_loss="nat")}
-# The CPU thresholds of DESIGN.md §7 (R2's is for batch 32); reported next to the values, never enforced here.
+# The project's CPU speed thresholds (README, Benchmark) (R2's is for batch 32); reported next to the values, never enforced here.
 THRESHOLDS = {"R1": 8.0, "R2": 1.20, "R3": 1.05, "R4": 1.02}
 # harp_prune as the CIFAR seed command configures it: k 0.01, alpha 0.1, start rates 010_uni, gamma 0.01.
 K, ALPHA, START_KEEP, GAMMA = 0.01, 0.1, 0.10, 0.01

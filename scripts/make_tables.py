@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     parser.add_argument("--format", default="md", choices=sorted(FORMATS), help="output format (default: md)")
     parser.add_argument("--attack", default="autoattack", help="attack in the robust column (default: autoattack)")
     parser.add_argument("--preset", default="standard", help="attack preset of the results to use: standard, "
-                        "original or any (default: standard)")
+                        "original, ap or any (default: standard)")
     parser.add_argument("--metric", default="auto", choices=("auto", "acc", "balanced"),
                         help="auto: balanced accuracy for SVHN, accuracy otherwise (default: auto)")
     parser.add_argument("--dataset", default=None, help="only this dataset")

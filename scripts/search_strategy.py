@@ -5,7 +5,7 @@
     python train.py --dataset digits --exp-mode score_prune    --k 0.05 --stg_id OUT/strategy.yaml:evolution_0.05
     python train.py --dataset digits --exp-mode score_finetune --k 0.05 --stg_id OUT/strategy.yaml:evolution_0.05
 
-Heracles (Zhao, Königl & Wressnegger, AutoML 2022; seeds-other-systems.md §4) searches one keep ratio per layer
+Heracles (Zhao, Königl & Wressnegger, AutoML 2022) searches one keep ratio per layer
 for an adversarially pre-trained network and hands the strategy to Hydra, R-ADMM or HARP as per-layer rates.
 This script takes the same flags as train.py (--dataset, --arch, --adv_loss, --result-dir, --k, --prune_reg, the
 threat model, --seed, --device, ...). It loads the best checkpoint of the matching pretrain run (or

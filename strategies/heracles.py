@@ -19,7 +19,7 @@ in which its TensorFlow models create their weights. That order is not our modul
 The tables below map each list position of Heracles' four architectures to our module names. Where a
 consumer read a position wrongly we follow Heracles' models, not the consumer:
 
-- HARP read resnet18 weight shortcuts at 7, 12, 17 (registration order; harp-spec §11.1 item 3);
+- HARP read resnet18 weight shortcuts at 7, 12, 17 (registration order; a bug of the original code, see README, Differences from the original code);
 - hydra-nonuniform reads ResNet50 weight shortcuts at 1, 11, 24, 42, but Heracles' ResNet50 creates
   layer4.0's downsample at 43 (its plot label ``5-short`` is the 44th tick), so hydra-nonuniform gives
   layer4.0.downsample.0 the value of layer3.5.conv3 and shifts layer4's convs by one.

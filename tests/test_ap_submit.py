@@ -1,7 +1,7 @@
 """scripts/ap_submit.py: the AP benchmark's model key, a dense checkpoint for its base models, distances, paste text.
 
 The benchmark's base ResNet18 and VGG16-BN are built here from the layer names and shapes of
-reference/evaluation.md §B.8 alone (not from models/), and the kit's checkpoint must load into them with
+the benchmark's published layer names alone (not from models/), and the kit's checkpoint must load into them with
 strict=True and give the same logits as the model test.py evaluates.
 """
 import dataclasses

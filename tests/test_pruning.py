@@ -1,4 +1,4 @@
-"""Masks, the straight-through estimator, rates, the cost model, ties and dense export (harp-spec §4, §5, §12)."""
+"""Masks, the straight-through estimator, rates, the cost model, ties and dense export (test vectors computed with the original code's functions)."""
 import math
 
 import pytest
@@ -18,7 +18,7 @@ from pruning.wrap import dense_state_dict, freeze_masks, masked_layers, sparsify
 from utils.schedules import lr_at_epoch
 
 
-# ---------------------------------------------------------------- harp-spec §12 test vectors
+# ---------------------------------------------------------------- test vectors computed with the original code's functions
 @pytest.mark.parametrize("keep,target,logit", [(0.1, 0.01, -2.2073), (1.0, 0.01, 4.5951), (0.1, 0.1, -2.3026),
                                                (0.1, 0.05, -2.2485)])
 def test_rate_init_values(keep, target, logit):

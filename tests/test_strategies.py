@@ -1,7 +1,7 @@
 """Strategy ids, the shipped per-layer lists, and keep-rate allocation (uni / erk / lamp / original).
 
-Layer names and shapes are hard-coded from reference/evaluation.md §B.8 so these tests do not depend on
-models/. Reference densities come from reference/harp-spec.md §12.
+Layer names and shapes are hard-coded from the AP benchmark's base models so these tests do not depend on
+models/. Reference densities were computed with the original code's functions.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pruning.allocation import allocate_keep_rates
 from strategies import RULES, parse_strategy_id, shipped_ids, shipped_strategy
 
 # ---------------------------------------------------------------------------------------------------
-# Architectures (evaluation.md §B.8), prunable layers in module registration order.
+# Architectures (the AP benchmark's base models), prunable layers in module registration order.
 
 VGG16_BN = {
     "features.0": (64, 3, 3, 3),
@@ -194,7 +194,7 @@ def test_resnet18_lists_are_realigned_shortcut_first():
     registration = list(RESNET18)  # shortcuts at 7, 12, 17: HARP's (buggy) map
     assert [registration[i] for i in (7, 12, 17)] == [
         "layer2.0.shortcut.0", "layer3.0.shortcut.0", "layer4.0.shortcut.0"]
-    harp_expected = {"010_lamp": 0.16048, "010_erk": 0.19805}  # harp-spec §12
+    harp_expected = {"010_lamp": 0.16048, "010_erk": 0.19805}  # computed with the original code's functions
     for stg_id, raw in RAW_R18.items():
         shipped = shipped_strategy("resnet18", "weight", stg_id)
         assert [shipped[n] for n in order] == pytest.approx(raw, abs=0)

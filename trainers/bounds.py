@@ -9,7 +9,7 @@
 - Margins are bounded with the specification merged into the last linear layer (C W, C b), which is
   tighter than differencing logit intervals; Hydra's `BoundSequential.interval_range(C=...)` does the same.
 
-Hydra (seeds-other-systems.md §3, evaluation.md §A.4/§A.7) uses its own vendored bound code, not
+Hydra (github.com/inspire-group/hydra) uses its own vendored bound code, not
 auto_LiRPA; the PyPI `auto-lirpa` 0.3 needs torch < 1.13 and does not import with numpy 2 / torch 2.x. Like
 Hydra's it accepts an `nn.Sequential` of Conv2d / Linear / ReLU / Flatten (nested Sequentials and
 nn.Identity are flattened away). Two differences: masked layers bound their effective (masked) weight,

@@ -1,5 +1,5 @@
-"""Training loops of Hydra's certified objectives (`--trainer smooth`, `--trainer crown-ibp`; seeds-other-systems.md
-§3, evaluation.md §A.4). Both step through the shared epoch of trainers/engine.py, so the recipe's regularizers
+"""Training loops of Hydra's certified objectives (`--trainer smooth`, `--trainer crown-ibp`; Hydra's
+trainer/smooth.py and trainer/crown_ibp.py). Both step through the shared epoch of trainers/engine.py, so the recipe's regularizers
 (HARP's hardware loss), bf16, progress and the finite-loss check apply unchanged, in every exp-mode.
 
     smooth     randomized smoothing (Cohen et al. 2019) with noise std --noise-std on [0, 1] inputs:

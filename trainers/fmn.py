@@ -15,7 +15,7 @@ gamma is cosine-decayed from gamma_init to gamma_final, and eps never exceeds th
 the box. The step size alpha follows a cosine schedule from
 alpha_init to alpha_final (FMN) or a per-point reduce-on-plateau on the attack loss (HO-FMN's RLROP).
 HO-FMN (Mura et al., "HO-FMN: Hyperparameter Optimization for Fast Minimum-Norm Attacks", 2024; the
-evaluation of the Adversarial Pruning benchmark, reference/evaluation.md §B.3) adds the choice of loss
+evaluation of the Adversarial Pruning benchmark) adds the choice of loss
 (logit difference 'ld', cross-entropy 'ce', DLR 'dlr') and of step rule; the rules here are
 
 - 'plain': delta -= alpha * g / ||g||_2 for every norm (FMN's step);
@@ -27,10 +27,10 @@ Every point keeps the smallest adversarial perturbation it found among the `step
 pass more than gradient steps, so the last step is scored too). The attack is deterministic (no random start),
 uses input gradients only (`torch.autograd.grad`), runs the model in eval mode and restores every module's mode.
 
-Security curves (reference/evaluation.md §B.4): RA(eps) = share of points whose minimal distance exceeds eps.
+Security curves (Piras et al. 2024): RA(eps) = share of points whose minimal distance exceeds eps.
 Points misclassified on the clean input have distance 0 and are never robust. Points where FMN found nothing
 have distance +inf (robust at every eps); the AP benchmark instead counts them as broken
-(`failures_as_zero`, reference/seeds-other-systems.md §1).
+(`failures_as_zero`, as HO-FMN's code).
 """
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -57,7 +57,7 @@ PLATEAU_FACTOR = 0.5            # alpha multiplier at a plateau (never below alp
 PLATEAU_THRESHOLD = 1e-3
 DLR_EPS = 1e-12                 # keeps DLR's denominator positive when the top logits tie
 
-# Adversarial Pruning benchmark protocol (reference/evaluation.md §B.3-§B.4, seeds-other-systems.md §1):
+# Adversarial Pruning benchmark protocol (Piras et al. 2024; HO-FMN, Mura et al. 2024):
 # HO-FMN tunes 32 trials of 100 steps on test points [0, 64), then attacks test points [2048, 2176) with
 # 200 steps in Linf; RA is thresholded at 8/255 and the curve uses 1,000 eps in [0, 0.15]; failures count as 0.
 AP_NORM = LINF
@@ -392,13 +392,13 @@ def security_curve(distances: Any, eps_grid: Sequence[float]) -> List[Dict[str, 
 
 
 def ap_eps_grid() -> List[float]:
-    """The AP benchmark's security-curve budgets: 1,000 evenly spaced eps in [0, 0.15] (evaluation.md §B.4)."""
+    """The AP benchmark's security-curve budgets: 1,000 evenly spaced eps in [0, 0.15] (the benchmark's plots)."""
     return torch.linspace(0.0, AP_CURVE_EPS_MAX, AP_CURVE_POINTS, dtype=torch.float64).tolist()
 
 
 def failures_as_zero(distances: Any) -> torch.Tensor:
     """The AP benchmark's counting: a point FMN never broke gets distance 0 (counted as not robust), because
-    HO-FMN starts best_adv at the clean input (seeds-other-systems.md §1). A pessimistic estimate."""
+    HO-FMN starts best_adv at the clean input (HO-FMN's code). A pessimistic estimate."""
     d = _as_distances(distances).clone()
     d[torch.isinf(d)] = 0.0
     return d

@@ -1,6 +1,6 @@
 """Hyper-parameter tuning of FMN as HO-FMN does it, without Bayesian optimisation.
 
-HO-FMN (Mura et al., 2024; reference/evaluation.md §B.3, seeds-other-systems.md §1) tunes FMN's step size,
+HO-FMN (Mura et al., 2024) tunes FMN's step size,
 momentum, loss, optimiser and schedule by minimising the median distance over a set of tuning points, failures
 counted as +inf, and then attacks other points with the chosen configuration. Here the search is either
 

@@ -35,7 +35,7 @@ class Regularizer(Protocol):
 
 
 class HardwareLoss:
-    """HARP's hardware loss max(a / a_target - 1, 0) on the soft cost a of the masked model (harp-spec §5)."""
+    """HARP's hardware loss max(a / a_target - 1, 0) on the soft cost a of the masked model (HARP paper Sec. 3; the original's utils/hw.py)."""
 
     name = "hw_loss"
 

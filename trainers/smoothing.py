@@ -5,7 +5,7 @@ The smoothed classifier is g(x) = argmax_c P(f(x + delta) = c), delta ~ N(0, sig
 to the raw [0, 1] input (models normalise inside), never clipped, as in Cohen et al.; sigma is in those [0, 1]
 input units (Hydra's scripts use 0.25).
 
-Hydra (seeds-other-systems.md §3, evaluation.md §A.4, §A.7):
+Hydra (github.com/inspire-group/hydra: trainer/smooth.py, utils/eval.py):
 - training (`trainer/smooth.py`, non-ImageNet): CE(f(x), y) + beta * (1/B) * sum_i KL(p(x_i) || p(x_i + delta_i))
   with p = softmax(f); torch's KLDivLoss(log_softmax(f(x + delta)), softmax(f(x)), summed) / B. Both
   distributions carry gradients (the clean one is not detached); beta is the shared `--beta` (default 6).
@@ -21,8 +21,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy.stats import beta as beta_dist
-from scipy.stats import binomtest, norm
 
 from trainers.threat import eval_mode
 
@@ -76,6 +74,13 @@ def sample_counts(model: nn.Module, x: torch.Tensor, *, sigma: float, num: int, 
     return counts
 
 
+def _scipy_stats():
+    """scipy.stats, imported on first use: importing it costs about a second, which every train.py run (this module
+    is imported with the training loops) would pay otherwise."""
+    import scipy.stats
+    return scipy.stats
+
+
 def clopper_pearson_lower(successes: np.ndarray, trials: int, alpha: float) -> np.ndarray:
     """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion: Beta(alpha; k, n - k + 1).
 
@@ -84,7 +89,7 @@ def clopper_pearson_lower(successes: np.ndarray, trials: int, alpha: float) -> n
     """
     successes = np.asarray(successes, dtype=np.float64)
     safe = np.maximum(successes, 1.0)
-    return np.where(successes > 0, beta_dist.ppf(alpha, safe, trials - successes + 1), 0.0)
+    return np.where(successes > 0, _scipy_stats().beta.ppf(alpha, safe, trials - successes + 1), 0.0)
 
 
 # ----------------------------------------------------------------------------- CERTIFY / PREDICT
@@ -110,7 +115,7 @@ def certify(model: nn.Module, x: torch.Tensor, *, sigma: float, n0: int, n: int,
     top_counts = estimation.gather(1, guess[:, None]).squeeze(1).cpu().numpy()
     p_lower = clopper_pearson_lower(top_counts, n, alpha)
     certified = p_lower >= 0.5
-    radius = np.where(certified, sigma * norm.ppf(np.clip(p_lower, 0.5, 1.0)), 0.0)
+    radius = np.where(certified, sigma * _scipy_stats().norm.ppf(np.clip(p_lower, 0.5, 1.0)), 0.0)
     prediction = torch.where(torch.from_numpy(certified), guess.cpu(), torch.full_like(guess.cpu(), ABSTAIN))
     return Certificate(prediction=prediction, radius=torch.from_numpy(radius))
 
@@ -126,6 +131,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, sigma: float, n: int, alpha: f
     top2 = counts.topk(2, dim=1)
     values, classes = top2.values.cpu().tolist(), top2.indices[:, 0].cpu().tolist()
     predictions = []
+    binomtest = _scipy_stats().binomtest
     for (first, second), top in zip(values, classes):
         significant = binomtest(first, first + second, p=0.5).pvalue <= alpha
         predictions.append(top if significant else ABSTAIN)

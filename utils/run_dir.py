@@ -1,4 +1,4 @@
-"""The deterministic run-directory layout that lets stages find each other without paths (DESIGN.md §6), and the
+"""The deterministic run-directory layout that lets stages find each other without paths (README, Stage chaining and the run layout), and the
 decisions tied to it: where a stage's source checkpoint is, whether a run starts, resumes or is refused.
 
   <result_dir>/<arch>/<dataset>/[normalize/]<objective>/pretrain/                       pretrain

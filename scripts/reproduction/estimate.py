@@ -3,7 +3,7 @@
 A benchmark JSON (python scripts/benchmark.py --device cuda --arch ARCH --dataset DATASET --batch-size B --out F)
 gives, for one architecture and input shape, seconds per image of a plain training step (s_plain), a PGD-10 AT
 step (s_at), a harp_prune PGD-10 step (s_prune), a finetune step relative to a plain one (R3) and an eval forward
-(s_fwd). AutoAttack's cost model is performance.md §3.2's, with the clean and robust fractions assumed at 0.8 and
+(s_fwd). AutoAttack's cost model is AutoAttack's per-component query counts, with the clean and robust fractions assumed at 0.8 and
 0.48 (adversarially trained CIFAR models); it is the least certain term. Stages shared by several cells count once.
 The result is in hours of the benchmark's device (GPU hours when it ran on CUDA), one stage at a time on one device.
 """

@@ -1,5 +1,5 @@
 """`--attack-preset ap`: the evaluation protocol of the Adversarial Pruning (AP) benchmark (Piras et al. 2024,
-pralab/AdversarialPruningBenchmark; reference/evaluation.md §B.2-§B.4, seeds-other-systems.md §1).
+pralab/AdversarialPruningBenchmark; Piras et al. 2024, Mura et al. 2024).
 
 The benchmark evaluates every model twice:
 

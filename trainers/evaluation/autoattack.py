@@ -1,7 +1,7 @@
 """AutoAttack composed from torchattacks' components, run over a whole evaluation set.
 
 Why not `torchattacks.AutoAttack`: it runs APGD, APGD-T and FAB-T with their class default of 10 iterations
-instead of the official 100 (reference/evaluation.md §C.7), reports nothing per component, and is usually
+instead of the official 100 (github.com/fra31/auto-attack), reports nothing per component, and is usually
 called per test batch. Here the official "standard" version (§C.2) is assembled from the same components:
 
     APGD-CE  100 iterations, 1 restart, rho 0.75
@@ -20,7 +20,7 @@ non-true classes by clean logits, as official AutoAttack does (and the top C-1 c
 APGD-T's targeted DLR loss reads the 4th-largest logit, so it needs C >= 4; with fewer classes it is skipped
 with a warning (FAB-T still runs with C-1 targets).
 
-Survivors are collected across the whole set and attacked in batches of `batch_size` (reference/performance.md
+Survivors are collected across the whole set and attacked in batches of `batch_size` (as official AutoAttack does
 §3.3), so Square's 5000 sequential queries run on large batches rather than on a few survivors per test batch.
 
 The `original` preset reproduces the HARP paper's evaluation: the very component objects that

@@ -3,7 +3,7 @@
     certify    randomized smoothing (Cohen, Rosenfeld & Kolter, ICML 2019): CERTIFY (N0 selection draws, N
                estimation draws, one-sided Clopper-Pearson bound at alpha, abstain below 1/2) and PREDICT (N draws,
                binomial test at alpha) of the smoothed classifier with noise std --noise-std, as Hydra's
-               eval_smoothing.py (evaluation.md §A.7; seeds-other-systems.md §3). `robust_acc` is the certified
+               eval_smoothing.py (github.com/inspire-group/hydra). `robust_acc` is the certified
                accuracy at radius 0 (correct and not abstained); the entry also has `certified_accuracy` (a list of
                {radius, acc} over the L2 radius grid), `prediction_acc` (PREDICT), `average_certified_radius`,
                the abstention rates, the parameters and `per_point` (label, prediction, radius, correct,

@@ -1,4 +1,4 @@
-"""The white-box gradient attacks by name (DESIGN.md §5; harp-spec §7 for what the original ran):
+"""The white-box gradient attacks by name (README, Evaluation; the original's test.py ran pgd):
 
     pgd          PGD on cross-entropy under the configured threat model (validation's default; not in 'all')
     fgsm         one step of size eps from the clean input (Linf: sign of the gradient; L2: normalised gradient)

@@ -1,4 +1,4 @@
-"""Gradient-masking checks: official AutoAttack's (reference/evaluation.md §C.5) and one from minimum-norm distances.
+"""Gradient-masking checks: official AutoAttack's (github.com/fra31/auto-attack, checks.py) and one from minimum-norm distances.
 
 A gradient-based evaluation can overstate robustness when the model's gradients are useless (gradient masking,
 Athalye et al. 2018). test.py runs these checks after its attacks; each flagged check is logged as a warning and

@@ -1,7 +1,7 @@
 """test.py's `fmn`: minimal adversarial distances from FMN (trainers/fmn.py), and the security curve they give.
 
 One FMN run gives every evaluated point its smallest adversarial perturbation found, so the robust accuracy at
-every eps follows at once (reference/evaluation.md §B.3-§B.4). The entry reports
+every eps follows at once (the AP benchmark's HO-FMN evaluation and security curves). The entry reports
 
     robust_acc        percent of points with distance > eps at the threat model's eps (the AP preset: at 8/255)
     curve             [{eps, robust_acc}] on a fixed grid: eps * i / 8 for i = 0 .. 24 (0 to 3 eps); AP: 1,000
@@ -52,7 +52,7 @@ CURVE_EPS_MULTIPLES = 3        # ... up to 3 eps (25 budgets, eps itself among t
 DISTANCES_SUFFIX = "_fmn_distances.pt"
 DISTANCES_FORMAT = 1
 FAILURES_INF, FAILURES_ZERO = "failures_inf", "failures_zero"
-# HO-FMN's search space for SGD (seeds-other-systems.md §1): step size log-uniform in [8/255, 10], momentum in
+# HO-FMN's search space for SGD (Mura et al. 2024): step size log-uniform in [8/255, 10], momentum in
 # [0, 0.9]; loss, optimizer and schedule fixed to the benchmark's DLR, SGD and cosine annealing.
 AP_SEARCH_SPACE = SearchSpace(alpha_init=(8 / 255, 10.0), momentum=(0.0, 0.9), losses=("dlr",), optimizers=("sgd",),
                               schedules=("cosine",), eps_starts=("unbounded",))

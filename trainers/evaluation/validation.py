@@ -1,5 +1,5 @@
 """Per-epoch validation: natural accuracy and a robust measure, as sums that several processes can add up
-(harp-spec §6.4). The measure is the run's --val-method (Hydra's names, evaluation.md §A.7):
+(the original's val_method adv). The measure is the run's --val-method (Hydra's names):
 
     base          natural accuracy only
     adv, freeadv  the training loop's robust measure: the attack --attack_eval under the configured threat model,
