@@ -106,7 +106,8 @@ class Config:
     image_dim: Optional[int] = opt(None, "ImageNet crop size in pixels (default 224)", "data", check=_positive, check_text="> 0")
     workers: Optional[int] = opt(None, "DataLoader worker processes for ImageNet (default min(8, CPUs))", "data", check=_non_negative, check_text=">= 0")
     # --- training
-    trainer: str = opt("adv", "training loop: base (natural), adv (adversarial, see --adv-loss), freeadv (Free-AT), fast (Fast-AT)", "training")
+    trainer: str = opt("adv", "training loop: base (natural), adv (adversarial, see --adv-loss), freeadv (Free-AT), "
+                       "fast (Fast-AT), smooth (randomized smoothing), crown-ibp (verifiable training)", "training")
     adv_loss: str = opt("pgd", "adversarial training objective", "training")
     epochs: int = opt(100, "training epochs (Free-AT: each epoch replays every batch --n-repeats times)", "training",
                       check=_positive, check_text=">= 1", scope="train")

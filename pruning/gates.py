@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from configs.recipes import MASKS_GATES
 from pruning.budget import CostModel, target_met
+from pruning.init import share_parameter
 from pruning.layers import CHANNEL, MASK_KINDS, MaskedConv2d, MaskedLinear, MaskedMixin
 from pruning.masks import kept_channel_count, kept_weight_count
 from pruning.rates import logit_from_keep
@@ -162,14 +163,7 @@ def unique_gates(layers) -> List[nn.Parameter]:
 def tie_gates(model: nn.Module, groups: List[List[str]]) -> Dict[str, str]:
     """Make the layers of each group share the first one's channel gates (one Parameter), so layers that read the
     same tensor (a block's conv1 and its shortcut) keep the same channels of it. Returns {follower: owner}."""
-    layers = dict(gate_layers(model))
-    ties = {}
-    for group in groups:
-        owner = layers[group[0]]
-        for follower_name in group[1:]:
-            layers[follower_name].popup_scores = owner.popup_scores
-            ties[follower_name] = group[0]
-    return ties
+    return share_parameter(dict(gate_layers(model)), groups, "popup_scores")
 
 
 def set_gates_trainable(layers, trainable: bool) -> None:

@@ -68,12 +68,17 @@ def tie_rates(model: nn.Module, groups: List[List[str]]) -> Dict[str, str]:
     step; sharing the parameter keeps them equal by construction, and the shared rate's gradient is the
     sum of both layers' contributions. Returns {follower: owner}.
     """
-    layers = dict(masked_layers(model))
+    return share_parameter(dict(masked_layers(model)), groups, "k_score")
+
+
+def share_parameter(layers: Mapping[str, nn.Module], groups: List[List[str]], attribute: str) -> Dict[str, str]:
+    """In each group, point every layer's `attribute` at the first layer's Parameter (one object, so one gradient:
+    the sum of all the group's contributions). Returns {follower: owner}."""
     ties = {}
     for group in groups:
-        owner = layers[group[0]]
+        owner = getattr(layers[group[0]], attribute)
         for follower_name in group[1:]:
-            layers[follower_name].k_score = owner.k_score
+            setattr(layers[follower_name], attribute, owner)
             ties[follower_name] = group[0]
     return ties
 

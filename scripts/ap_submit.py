@@ -209,7 +209,7 @@ def submit(checkpoint: str, ap_method: str, output: Optional[str] = None, result
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ap_submit.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="ap_submit.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("checkpoint", help="the evaluated checkpoint (e.g. RUN/checkpoint/model_best.pth.tar)")
     parser.add_argument("--ap-method", required=True, help="the taxonomy's ap_key, e.g. HARP_Zhao2023Holistic")
     parser.add_argument("--output", default=None, help="folder for the files (default: <run dir>/ap_submission)")

@@ -230,7 +230,7 @@ def make_tables(paths: Sequence[str], fmt: str = "md", attack: str = "autoattack
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="make_tables.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="make_tables.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("paths", nargs="+", metavar="RESULTS", help="results tree(s) to walk, or result JSON files")
     parser.add_argument("--format", default="md", choices=sorted(FORMATS), help="output format (default: md)")
     parser.add_argument("--attack", default="autoattack", help="attack in the robust column (default: autoattack)")

@@ -271,21 +271,21 @@ def _save(fig, output: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="plots.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="plots.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    keep = sub.add_parser("keep-rates", help="per-layer keep rates of pruned models")
+    keep = sub.add_parser("keep-rates", allow_abbrev=False, help="per-layer keep rates of pruned models")
     keep.add_argument("inputs", nargs="+", metavar="CHECKPOINT_OR_RESULT_JSON")
     keep.add_argument("--labels", nargs="+", default=None)
     keep.add_argument("--k", type=float, default=None, help="target k of a checkpoint without a stored config")
     keep.add_argument("--alpha", type=float, default=0.1, help="alpha of such a checkpoint (default 0.1)")
     keep.add_argument("--linear", action="store_true", help="linear y axis (default: logarithmic)")
-    acc = sub.add_parser("accuracy-sparsity", help="natural and robust accuracy against sparsity")
+    acc = sub.add_parser("accuracy-sparsity", allow_abbrev=False, help="natural and robust accuracy against sparsity")
     acc.add_argument("inputs", nargs="+", metavar="RESULTS")
     acc.add_argument("--attack", default="autoattack")
     acc.add_argument("--preset", default="standard")
     acc.add_argument("--metric", default="auto", choices=("auto", "acc", "balanced"))
     acc.add_argument("--dataset", default=None)
-    curve = sub.add_parser("security-curve", help="robust accuracy against eps")
+    curve = sub.add_parser("security-curve", allow_abbrev=False, help="robust accuracy against eps")
     curve.add_argument("inputs", nargs="+", metavar="RESULT_JSON")
     curve.add_argument("--labels", nargs="+", default=None)
     for p in (keep, acc, curve):

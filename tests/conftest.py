@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,3 +24,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class InputRecorder(nn.Module):
+    """Wraps a model and records every input row it is asked to classify (flattened, detached copies)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.rows = model, []
+
+    def forward(self, x):
+        self.rows.append(x.detach().flatten(1).clone())
+        return self.model(x)

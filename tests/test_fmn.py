@@ -17,6 +17,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from configs.errors import UserError
+from tests.conftest import InputRecorder
 from trainers.fmn import (LOSSES, OPTIMIZERS, SCHEDULES, ap_eps_grid, failures_as_zero, fmn, fmn_batches,
                           robust_accuracy_at, security_curve)
 from trainers.fmn_tune import SearchSpace, tune_fmn
@@ -232,18 +233,6 @@ def test_curve_counting_conventions():
 
 
 # ------------------------------------------------------------------------------------------------ tuning
-class _Spy(nn.Module):
-    """Records every input row the model is asked to classify."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.rows = model, []
-
-    def forward(self, x):
-        self.rows.append(x.detach().flatten(1).clone())
-        return self.model(x)
-
-
 def _rows_in(seen_rows, points):
     """Which of `points` occur exactly among the recorded input rows."""
     seen = {tuple(r) for r in seen_rows.tolist()}
@@ -253,7 +242,7 @@ def _rows_in(seen_rows, points):
 @pytest.mark.parametrize("search", ["random", "halving"])
 def test_tuning_picks_its_best_trial_and_touches_only_the_tuning_points(digits, search):
     model, x, y = digits
-    spy = _Spy(model)
+    spy = InputRecorder(model)
     tune_x, tune_y, held_x = x[:48], y[:48], x[48:]
     batches = ((tune_x[i:i + 16], tune_y[i:i + 16]) for i in range(0, 48, 16))  # a one-shot generator
     result = tune_fmn(spy, batches, 6, search=search, seed=1, norm=LINF, steps=24)

@@ -17,7 +17,7 @@ from torch import nn
 from configs.errors import UserError
 from data import build_data
 from scripts import make_tables, plots
-from tests.conftest import load_entry_point
+from tests.conftest import InputRecorder, load_entry_point
 from trainers.evaluation import masking_checks
 from trainers.evaluation.ap_protocol import AP_AA_EPS, AP_PRESET
 from trainers.evaluation.minimum_norm import (FAILURES_INF, FAILURES_ZERO, ap_fmn_plan, counted_distances,
@@ -106,18 +106,6 @@ def test_failures_count_as_robust_by_default_and_as_broken_under_ap():
     assert counted_distances(dict(record, counting=FAILURES_ZERO)).tolist() == [0.0, 0.02, 0.0]
 
 
-class _Recorder(nn.Module):
-    """Counts how often each input row is classified."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.rows = model, []
-
-    def forward(self, x):
-        self.rows.append(x.detach().flatten(1).clone())
-        return self.model(x)
-
-
 def _count(rows, points):
     seen = {}
     for row in torch.cat(rows).flatten(1).tolist():
@@ -128,7 +116,7 @@ def _count(rows, points):
 def test_tuning_never_touches_the_evaluated_points(digits):
     model, (x_tune, y_tune), (x, y) = digits
     x, y = x[:40], y[:40]
-    spy = _Recorder(model)
+    spy = InputRecorder(model)
     make = batches_of(x, y, 16)
     clean = clean_pass(spy, make, show_progress=False)
     spy.rows.clear()
