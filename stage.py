@@ -83,9 +83,10 @@ MIN_CHANNEL_FLOPS = 1e-3
 
 def warn_about_channel_target(cfg, model: nn.Module, graph: LayerGraph) -> None:
     """Channel granularity's k is the kept fraction of each layer's input channels, so the FLOPs target is about
-    k^2: warn when a layer at k keeps fewer channels than there are classes, or under 0.1 % of the FLOPs."""
-    thin = [name for name, layer in masked_layers(model)
-            if kept_channel_count(cfg.k, layer.weight.shape[1]) < min(cfg.num_classes, layer.weight.shape[1])]
+    k^2: warn when a layer at k keeps fewer channels than there are classes, or under 0.1 % of the FLOPs. A layer
+    with fewer inputs than classes (the first conv's 3 image channels) is no such bottleneck at any k."""
+    thin = [name for name, layer in masked_layers(model) if layer.weight.shape[1] >= cfg.num_classes
+            and kept_channel_count(cfg.k, layer.weight.shape[1]) < cfg.num_classes]
     flops = CostModel(model, graph, "channel", cfg.k).target
     if thin:
         log.warning("--k %g with --prune_reg channel keeps fewer input channels than the %d classes in %s: k is the "

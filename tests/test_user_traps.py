@@ -90,3 +90,28 @@ def test_a_channel_k_that_leaves_fewer_channels_than_classes_warns(caplog):
     with caplog.at_level(logging.WARNING):
         inspect_masked(cfg, build_model(cfg, info, "cpu", masked=True), info, "cpu")
     assert "fewer input channels" not in caplog.text
+
+
+def test_the_image_channels_of_the_first_conv_are_no_channel_bottleneck(caplog):
+    """RGB input has 3 < 10 channels whatever k keeps of them: k = 0.5 (the paper's setting) must not warn."""
+    cfg, _ = resolve_config(["--dataset", "CIFAR10", "--arch", "small_cnn", "--exp-mode", "harp_prune", "--k", "0.5",
+                             "--prune_reg", "channel", "--num-classes", "10"], "train", "train.py")
+    info = dataset_info("CIFAR10")
+    with caplog.at_level(logging.WARNING):
+        inspect_masked(cfg, build_model(cfg, info, "cpu", masked=True), info, "cpu")
+    assert "fewer input channels" not in caplog.text
+
+
+def test_a_run_that_never_reached_its_target_is_not_finished_for_reruns(tmp_path):
+    """A prune run whose hardware target was never met ends without model_best: --skip-finished and reproduce.py
+    must not treat it as done (its finetune would have nothing to start from)."""
+    from configs.schema import config_to_dict
+    from utils.checkpoint import save_atomic
+    from utils.run_dir import checkpoint_path, finished_with_same_settings
+
+    cfg, _ = resolve_config(["--dataset", "digits", "--exp-mode", "harp_prune", "--k", "0.01"], "train", "train.py")
+    os.makedirs(os.path.join(str(tmp_path), "checkpoint"))
+    save_atomic({"finished": True, "config": config_to_dict(cfg)}, checkpoint_path(str(tmp_path), "last"))
+    assert not finished_with_same_settings(cfg, str(tmp_path))
+    save_atomic({"state_dict": {}}, checkpoint_path(str(tmp_path), "best"))
+    assert finished_with_same_settings(cfg, str(tmp_path))

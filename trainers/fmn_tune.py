@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -39,20 +39,22 @@ MIN_HALVING_STEPS = 10
 @dataclass(frozen=True)
 class SearchSpace:
     """HO-FMN's space: alpha_init log-uniform (HO-FMN: [8/255, 10]), momentum uniform in [0, 0.9], and the
-    categorical choices; eps_start only matters for the 'ld' loss."""
+    categorical choices; eps_start only matters for the 'ld' loss. `alpha_final` is fixed, not searched (None:
+    alpha_init / 100, FMN's default; HO-FMN's cosine annealing ends at 0)."""
     alpha_init: Tuple[float, float] = (0.01, 10.0)
     momentum: Tuple[float, float] = (0.0, 0.9)
     losses: Tuple[str, ...] = LOSSES
     optimizers: Tuple[str, ...] = OPTIMIZERS
     schedules: Tuple[str, ...] = SCHEDULES
     eps_starts: Tuple[str, ...] = EPS_STARTS
+    alpha_final: Optional[float] = None
 
     def sample(self, rng: np.random.Generator) -> FMNConfig:
         low, high = self.alpha_init
         return FMNConfig(
             loss=str(rng.choice(self.losses)), optimizer=str(rng.choice(self.optimizers)),
             schedule=str(rng.choice(self.schedules)), eps_start=str(rng.choice(self.eps_starts)),
-            alpha_init=float(math.exp(rng.uniform(math.log(low), math.log(high)))),
+            alpha_init=float(math.exp(rng.uniform(math.log(low), math.log(high)))), alpha_final=self.alpha_final,
             momentum=float(rng.uniform(*self.momentum))).validated()
 
 

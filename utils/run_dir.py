@@ -135,9 +135,10 @@ def config_differences(stored: Dict, cfg) -> List[str]:
 
 
 def finished_with_same_settings(cfg, directory: str) -> bool:
-    """The run directory holds a finished run of exactly these settings (scripts rerun with --skip-finished)."""
+    """The run directory holds a finished run of exactly these settings with a best checkpoint (scripts rerun with
+    --skip-finished). A run that ended without one (a hardware target never reached) gave nothing to build on."""
     last = checkpoint_path(directory, "last")
-    if not os.path.exists(last):
+    if not (os.path.exists(last) and os.path.exists(checkpoint_path(directory, "best"))):
         return False
     ckpt = load_checkpoint(last)
     return bool(ckpt.get("finished")) and not config_differences(ckpt.get("config", {}), cfg)

@@ -97,7 +97,9 @@ def protocol_record(suite: Dict[str, Any], *, seed: int, deviations: Sequence[st
             "scheduler": "cosine annealing of the step size (T_max = steps, eta_min 0)",
             "tuning": {"trials": AP_TUNE_TRIALS, "steps": AP_TUNE_STEPS, "points": _points(AP_TUNE_POINTS),
                        "search": "random (the benchmark: Bayesian optimisation with ax-platform)",
-                       "objective": "median Linf distance, failures +inf"},
+                       "objective": "median Linf distance, failures +inf",
+                       "not_searched": "weight decay and dampening (0 here; the benchmark searches [0.01, 1] and "
+                                       "[0, 0.2])"},
             "attack": {"steps": AP_STEPS, "points": _points(AP_EVAL_POINTS)},
             "threshold_eps": AP_EPS,
             "counting": "distance 0 for clean errors and for points FMN never broke (HO-FMN's best_adv starts at "

@@ -53,9 +53,9 @@ DISTANCES_SUFFIX = "_fmn_distances.pt"
 DISTANCES_FORMAT = 1
 FAILURES_INF, FAILURES_ZERO = "failures_inf", "failures_zero"
 # HO-FMN's search space for SGD (Mura et al. 2024): step size log-uniform in [8/255, 10], momentum in
-# [0, 0.9]; loss, optimizer and schedule fixed to the benchmark's DLR, SGD and cosine annealing.
+# [0, 0.9]; loss, optimizer and schedule fixed to the benchmark's DLR, SGD and cosine annealing to 0 (eta_min 0).
 AP_SEARCH_SPACE = SearchSpace(alpha_init=(8 / 255, 10.0), momentum=(0.0, 0.9), losses=("dlr",), optimizers=("sgd",),
-                              schedules=("cosine",), eps_starts=("unbounded",))
+                              schedules=("cosine",), eps_starts=("unbounded",), alpha_final=0.0)
 
 
 # ----------------------------------------------------------------------------------------------- settings
