@@ -82,3 +82,17 @@ def test_a_pickle_with_other_objects_is_refused_without_unsafe_advice(tmp_path):
         load_checkpoint(str(path))
     message = str(info.value)
     assert "refused" in message and "weights_only" not in message and "\n" not in message
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    """Checkpoints and results must be as readable as any file the user creates (mkstemp alone gives 0600)."""
+    from utils.atomic import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "result.json"), lambda fh: fh.write("{}"))
+        with open(tmp_path / "plain.json", "w") as fh:
+            fh.write("{}")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "result.json").st_mode & 0o777 == os.stat(tmp_path / "plain.json").st_mode & 0o777 == 0o644

@@ -8,8 +8,17 @@ import tempfile
 from typing import BinaryIO, Callable, TextIO, Union
 
 
+def new_file_mode() -> int:
+    """The permissions open() gives a new file: 0o666 less the process umask. mkstemp's files are 0600, which
+    would hide checkpoints and results from the group on a shared cluster filesystem."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str, write: Callable[[Union[BinaryIO, TextIO]], None], *, binary: bool = False) -> None:
-    """Call `write(fh)` on a temporary file beside `path`, flush it to disk, and rename it to `path`."""
+    """Call `write(fh)` on a temporary file beside `path`, flush it to disk, and rename it to `path` (with the
+    permissions a plain open() would have given it)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
@@ -18,6 +27,7 @@ def atomic_write(path: str, write: Callable[[Union[BinaryIO, TextIO]], None], *,
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
