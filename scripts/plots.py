@@ -19,6 +19,7 @@ security-curve: robust accuracy against eps of result JSONs: from FMN's per-poin
 """
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -31,6 +32,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from configs.recipes import DENSE_METHOD  # noqa: E402
 from scripts.make_tables import row_label  # noqa: E402
@@ -133,6 +135,8 @@ def plot_keep_rates(paths: Sequence[str], output: str, labels: Optional[Sequence
     ax.set_ylabel("weights kept per layer (%)")
     if log_scale:  # keep rates span 0.1 % to 100 %: on a linear axis the small layers vanish
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(_plain_number))  # 0.1, 1, 10, not 10^-1
+        ax.yaxis.set_minor_formatter(FuncFormatter(_one_two_five))
     sizes = ax.twinx()  # layer sizes give the rates their meaning: big layers are where the weights go
     sizes.plot(range(len(names)), [models[0][1][n]["total"] for n in names], "k.:", linewidth=0.8,
                label="weights in layer")
@@ -141,9 +145,19 @@ def plot_keep_rates(paths: Sequence[str], output: str, labels: Optional[Sequence
     handles, texts = ax.get_legend_handles_labels()
     more, more_texts = sizes.get_legend_handles_labels()
     # outside the axes, to the right: a legend inside would cover bars
-    ax.legend(handles + more, texts + more_texts, fontsize=7, loc="upper left", bbox_to_anchor=(1.12, 1.0))
+    ax.legend(handles + more, texts + more_texts, fontsize=7, loc="upper left", bbox_to_anchor=(1.22, 1.0))
     ax.set_title("per-layer keep rates")
     _save(fig, output)
+
+
+def _plain_number(value: float, _position=None) -> str:
+    return f"{value:g}"
+
+
+def _one_two_five(value: float, _position=None) -> str:
+    """Minor log-axis labels at 2 and 5 times a power of ten only, so a one-decade axis still reads."""
+    leading = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
+    return f"{value:g}" if round(leading) in (2, 5) and abs(leading - round(leading)) < 1e-6 else ""
 
 
 # ----------------------------------------------------------------------------------------------- accuracy vs sparsity

@@ -182,6 +182,11 @@ def _mean_std(values: List[Optional[float]]) -> Tuple[Optional[float], Optional[
     return statistics.fmean(known), (statistics.stdev(known) if len(known) > 1 else None)
 
 
+def _shown(value):
+    """A setting as a row label shows it: a path (e.g. a strategy file `DIR/strategy.yaml:ID`) by its last part."""
+    return os.path.basename(value) if isinstance(value, str) and os.sep in value else value
+
+
 def _variant_labels(groups: Dict[Tuple, List[Result]]) -> Dict[Tuple, str]:
     """'' for a lone group; else each group's values of the settings in which the groups differ."""
     if len(groups) == 1:
@@ -191,7 +196,7 @@ def _variant_labels(groups: Dict[Tuple, List[Result]]) -> Dict[Tuple, str]:
     labels = {}
     for key, d in dicts.items():
         names = sorted({r.exp_name for r in groups[key] if r.exp_name})
-        parts = [f"{k}={json.loads(d[k]) if k in d else '-'}" for k in differing]
+        parts = [f"{k}={_shown(json.loads(d[k])) if k in d else '-'}" for k in differing]
         labels[key] = ", ".join(parts) if parts else "+".join(names)
     return labels
 
