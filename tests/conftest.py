@@ -1,4 +1,5 @@
 """Shared test fixtures and helpers."""
+import contextlib
 import importlib.util
 import os
 
@@ -17,13 +18,22 @@ def load_entry_point(relative_path: str, module_name: str):
     return module
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models are overhead-bound: several threads only contend, and slow down a busy machine."""
+@contextlib.contextmanager
+def single_thread():
+    """Tiny models are overhead-bound: several threads only contend, and slow down a busy machine. Restores the
+    thread count however the block ends."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield
 
 
 class InputRecorder(nn.Module):

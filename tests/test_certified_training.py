@@ -19,7 +19,7 @@ from data import build_data, dataset_info
 from models import create_model
 from scripts import make_tables
 from stage import build_model, option_choices
-from tests.conftest import load_entry_point
+from tests.conftest import load_entry_point, single_thread
 from trainers.bounds import crown_ibp_loss, crown_ibp_schedule, verification_sums, verified
 from trainers.certified_training import CrownIBPLoop, SmoothingLoop
 from trainers.evaluation.certified import certify_settings
@@ -166,25 +166,21 @@ def test_run_layout_names_the_certified_objectives():
 @pytest.fixture(scope="module")
 def smooth_runs(tmp_path_factory):
     """Smoothing at sigma 0.25: pretrain (8 epochs) -> harp_prune k = 0.1 -> harp_finetune on digits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = str(tmp_path_factory.mktemp("smooth"))
-    common = SMOOTH + ["--result-dir", root]
-    assert train.main(common + ["--exp-mode", "pretrain", "--epochs", "8"]) == 0
-    assert train.main(common + PRUNED + ["--exp-mode", "harp_prune", "--epochs", "2", "--gamma", "1"]) == 0
-    assert train.main(common + PRUNED + ["--exp-mode", "harp_finetune", "--epochs", "2"]) == 0
-    torch.set_num_threads(threads)
+    with single_thread():
+        root = str(tmp_path_factory.mktemp("smooth"))
+        common = SMOOTH + ["--result-dir", root]
+        assert train.main(common + ["--exp-mode", "pretrain", "--epochs", "8"]) == 0
+        assert train.main(common + PRUNED + ["--exp-mode", "harp_prune", "--epochs", "2", "--gamma", "1"]) == 0
+        assert train.main(common + PRUNED + ["--exp-mode", "harp_finetune", "--epochs", "2"]) == 0
     return root, common, common
 
 
 @pytest.fixture(scope="module")
 def crown_runs(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = str(tmp_path_factory.mktemp("crown"))
-    common = CROWN + ["--result-dir", root]
-    assert train.main(common + ["--exp-mode", "pretrain", "--epochs", "6"]) == 0
-    torch.set_num_threads(threads)
+    with single_thread():
+        root = str(tmp_path_factory.mktemp("crown"))
+        common = CROWN + ["--result-dir", root]
+        assert train.main(common + ["--exp-mode", "pretrain", "--epochs", "6"]) == 0
     return root, common, CROWN_EVAL + ["--result-dir", root]
 
 

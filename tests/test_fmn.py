@@ -17,7 +17,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from configs.errors import UserError
-from tests.conftest import InputRecorder
+from tests.conftest import InputRecorder, single_thread
 from trainers.fmn import (LOSSES, OPTIMIZERS, SCHEDULES, ap_eps_grid, failures_as_zero, fmn, fmn_batches,
                           robust_accuracy_at, security_curve)
 from trainers.fmn_tune import SearchSpace, tune_fmn
@@ -47,14 +47,10 @@ def _train(x, y, seed=0):
 
 
 def _trained_on(inset: float):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: more threads only contend
-    try:
+    with single_thread():
         with torch.random.fork_rng():
             x, y = _digits(inset)
             return _train(x, y), x[TEST], y[TEST]
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from torch import nn
 from configs.errors import UserError
 from data import build_data
 from scripts import make_tables, plots
-from tests.conftest import InputRecorder, load_entry_point
+from tests.conftest import InputRecorder, load_entry_point, single_thread
 from trainers.evaluation import masking_checks
 from trainers.evaluation.ap_protocol import AP_AA_EPS, AP_PRESET
 from trainers.evaluation.minimum_norm import (FAILURES_INF, FAILURES_ZERO, ap_fmn_plan, counted_distances,
@@ -42,9 +42,7 @@ EPS = 0.1
 @pytest.fixture(scope="module")
 def digits():
     """A digits MLP (about 90 % clean accuracy: the points include clean errors), tuning and test points."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         with torch.random.fork_rng():
             torch.manual_seed(0)
             d = load_digits()
@@ -56,8 +54,6 @@ def digits():
                 optimizer.zero_grad()
                 nn.functional.cross_entropy(model(x[:1200]), y[:1200]).backward()
                 optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
     return model.eval(), (x[1200:1248], y[1200:1248]), (x[1400:1560], y[1400:1560])
 
 
@@ -250,18 +246,14 @@ def digits_run(tmp_path_factory):
     """A digits checkpoint (2 natural epochs) and its test.py result with natural, pgd10 and fmn."""
     import train
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = str(tmp_path_factory.mktemp("runs"))
-    common = ["--dataset", "digits", "--trainer", "base", "--result-dir", root, "--no-progress", "--exp-mode",
-              "pretrain"]
-    try:
+    with single_thread():
+        root = str(tmp_path_factory.mktemp("runs"))
+        common = ["--dataset", "digits", "--trainer", "base", "--result-dir", root, "--no-progress", "--exp-mode",
+                  "pretrain"]
         assert train.main(common + ["--epochs", "2"]) == 0
         copy = os.path.join(root, "copies", "result.json")
         assert test_py.main(common + ["--attacks", "natural,pgd10,fmn", "--n-examples", "90", "--results-file",
                                       copy]) == 0
-    finally:
-        torch.set_num_threads(threads)
     run = os.path.join(root, "small_cnn", "digits", "nat", "pretrain")
     return {"root": root, "result": os.path.join(run, "eval", "model_best_standard.json"), "copy": copy}
 

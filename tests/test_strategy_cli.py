@@ -14,7 +14,7 @@ from models import create_model
 from pruning.wrap import prunable_layers
 from strategies import parse_strategy_id
 from strategies.files import keep_rates_from_sparsity, load_strategy
-from tests.conftest import load_entry_point
+from tests.conftest import load_entry_point, single_thread
 from utils.checkpoint import load_checkpoint
 from utils.run_dir import strategy_label
 
@@ -34,11 +34,9 @@ K = "0.05"
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """A digits pretrain run (natural training, 1 epoch) and a strategy file with two strategies."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("strategy_cli")
-    assert train.main(common(root) + ["--exp-mode", "pretrain"]) == 0
-    torch.set_num_threads(threads)
+    with single_thread():
+        root = tmp_path_factory.mktemp("strategy_cli")
+        assert train.main(common(root) + ["--exp-mode", "pretrain"]) == 0
     (root / "stg.yaml").write_text(yaml.safe_dump(
         {"arch": "small_cnn", "weight": {"mine": RATES, "flat": {name: 0.05 for name in LAYERS}}}))
     return root

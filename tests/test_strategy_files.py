@@ -21,6 +21,7 @@ from strategies import shipped_strategy
 from strategies.files import keep_rates_from_sparsity, load_strategy, read_strategies, save_strategies, \
     split_file_strategy
 from strategies.heracles import HERACLES_ARCHS, list_from_rates, list_order, rates_from_list
+from tests.conftest import single_thread
 from tests.test_strategies import RAW_R18
 
 LENGTHS = {("vgg16_bn", "weight"): 16, ("vgg16_bn", "channel"): 16, ("resnet18", "weight"): 21,
@@ -32,14 +33,12 @@ TABLES = sorted(LENGTHS)
 @pytest.fixture(scope="module")
 def nets():
     """The real models: layer names in registration order and the groups of layers reading one tensor."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = {}
-    for arch in HERACLES_ARCHS:
-        model = models.create_model(arch, num_classes=1000 if arch == "ResNet50" else 10)
-        graph = inspect_layers(model, torch.zeros(1, 3, 32, 32))
-        out[arch] = ([name for name, _ in prunable_layers(model)], graph.tie_groups)
-    torch.set_num_threads(threads)
+    with single_thread():
+        out = {}
+        for arch in HERACLES_ARCHS:
+            model = models.create_model(arch, num_classes=1000 if arch == "ResNet50" else 10)
+            graph = inspect_layers(model, torch.zeros(1, 3, 32, 32))
+            out[arch] = ([name for name, _ in prunable_layers(model)], graph.tie_groups)
     return out
 
 

@@ -379,7 +379,7 @@ def robust_accuracy_at(distances: Any, eps: float) -> float:
     """Robust accuracy in percent at budget eps: the share of points with minimal distance > eps."""
     if not eps >= 0:
         raise UserError(f"eps must be a non-negative number, got {eps}")
-    return 100.0 * float((_as_distances(distances) > eps).double().mean())
+    return security_curve(distances, [eps])[0]["robust_acc"]
 
 
 def security_curve(distances: Any, eps_grid: Sequence[float]) -> List[Dict[str, float]]:
