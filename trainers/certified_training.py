@@ -23,8 +23,8 @@ import torch.nn as nn
 
 from configs.errors import UserError
 from trainers.bounds import IBP, bound_steps, crown_ibp_loss, crown_ibp_schedule
-from trainers.engine import train_one_epoch
-from trainers.objectives import ObjectiveSettings, get_objective
+from trainers.engine import ObjectiveLoop, train_one_epoch
+from trainers.objectives import Objective, ObjectiveSettings
 from trainers.smoothing import gaussian_augmentation_loss, smooth_loss
 from trainers.threat import LINF, ThreatModel
 
@@ -46,20 +46,19 @@ def gaussian_augmentation(model, attack_model, x, y, settings: ObjectiveSettings
 SMOOTHING_OBJECTIVES = {"kl": smoothing_kl, "gaussian": gaussian_augmentation}
 
 
-class SmoothingLoop:
+class SmoothingLoop(ObjectiveLoop):
     """--trainer smooth: one step per batch on the --smooth-loss objective, after --warmup-epochs of --warmup-loss."""
 
     validation_method = SMOOTH_VALIDATION
 
     def __init__(self, cfg, threat: ThreatModel, device: torch.device):
-        self.settings = ObjectiveSettings(threat=threat, beta=cfg.beta, noise_std=cfg.noise_std)
-        self.objective = SMOOTHING_OBJECTIVES[cfg.smooth_loss]
-        self.warmup_loss, self.warmup_epochs = cfg.warmup_loss, cfg.warmup_epochs
+        super().__init__(cfg, threat, device)
+        self.settings = self.warmup_settings = ObjectiveSettings(threat=threat, beta=cfg.beta,
+                                                                 noise_std=cfg.noise_std)
+        self.smooth_loss = cfg.smooth_loss
 
-    def train_epoch(self, model, attack_model, batches, optimizer, *, epoch: int, **common) -> Dict[str, float]:
-        objective = get_objective(self.warmup_loss) if epoch < self.warmup_epochs else self.objective
-        return train_one_epoch(model, attack_model, batches, optimizer, objective, self.settings, epoch=epoch,
-                               **common)
+    def main_objective(self) -> Objective:
+        return SMOOTHING_OBJECTIVES[self.smooth_loss]
 
 
 # ----------------------------------------------------------------------------------------------- CROWN-IBP

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configs.errors import UserError
-from trainers.objectives import Objective, ObjectiveSettings
+from trainers.objectives import Objective, ObjectiveSettings, get_objective
 from trainers.regularizers import Regularizer
 from utils.progress import progress
 
@@ -144,3 +144,24 @@ def train_one_epoch_free(model: nn.Module, batches: Iterable, optimizer: torch.o
             bar.set_postfix(loss=f"{float(totals.loss) / totals.count:.4f}")
     totals.check_finite(epoch, totals.steps)
     return totals.summary()
+
+
+class ObjectiveLoop:
+    """One optimizer step per batch on an objective: --warmup-loss for the first --warmup-epochs, then the loop's
+    main objective (here --adv-loss: natural, PGD-AT, TRADES, MART). A loop with another main objective or other
+    settings (Fast-AT, randomized smoothing) subclasses it and overrides `main_objective` / the settings."""
+
+    def __init__(self, cfg, threat, device: torch.device):
+        self.settings = ObjectiveSettings(threat=threat, beta=cfg.beta)
+        self.warmup_settings = self.settings
+        self.adv_loss, self.warmup_loss, self.warmup_epochs = cfg.adv_loss, cfg.warmup_loss, cfg.warmup_epochs
+
+    def main_objective(self) -> Objective:
+        return get_objective(self.adv_loss)
+
+    def train_epoch(self, model, attack_model, batches, optimizer, *, epoch: int, **common) -> Dict[str, float]:
+        if epoch < self.warmup_epochs:
+            objective, settings = get_objective(self.warmup_loss), self.warmup_settings
+        else:
+            objective, settings = self.main_objective(), self.settings
+        return train_one_epoch(model, attack_model, batches, optimizer, objective, settings, epoch=epoch, **common)

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from configs.errors import UserError
 from trainers.attacks import pgd
-from trainers.engine import train_one_epoch
-from trainers.objectives import ObjectiveSettings, get_objective
+from trainers.engine import ObjectiveLoop
+from trainers.objectives import Objective, ObjectiveSettings
 from trainers.regularizers import HOOKS
 from trainers.threat import ThreatModel, random_start
 
@@ -51,23 +51,20 @@ def fast_at(model, attack_model, x, y, settings: ObjectiveSettings):
     return F.cross_entropy(logits, y), logits
 
 
-class FastATLoop:
-    """One optimizer step per batch on Fast-AT's loss (after --warmup-epochs of --warmup-loss)."""
+class FastATLoop(ObjectiveLoop):
+    """One optimizer step per batch on Fast-AT's loss (after --warmup-epochs of --warmup-loss under the configured
+    threat model)."""
 
     hooks = ("overfit_guard",)  # per-epoch hooks this loop brings into every mode
 
     def __init__(self, cfg, threat: ThreatModel, device: torch.device):
         if cfg.adv_loss not in ("pgd", "nat"):
             raise UserError(f"--trainer fast uses its own FGSM objective; --adv_loss {cfg.adv_loss} does not apply")
+        super().__init__(cfg, threat, device)
         self.settings = ObjectiveSettings(threat=fast_threat(threat, cfg.fast_step), beta=cfg.beta)
-        self.warmup_settings = ObjectiveSettings(threat=threat, beta=cfg.beta)
-        self.warmup_loss, self.warmup_epochs = cfg.warmup_loss, cfg.warmup_epochs
 
-    def train_epoch(self, model, attack_model, batches, optimizer, *, epoch: int, **common) -> Dict[str, float]:
-        if epoch < self.warmup_epochs:
-            return train_one_epoch(model, attack_model, batches, optimizer, get_objective(self.warmup_loss),
-                                   self.warmup_settings, epoch=epoch, **common)
-        return train_one_epoch(model, attack_model, batches, optimizer, fast_at, self.settings, epoch=epoch, **common)
+    def main_objective(self) -> Objective:
+        return fast_at
 
 
 class OverfitGuard:

@@ -19,26 +19,12 @@ from typing import Dict
 import torch
 
 from trainers.certified_training import CrownIBPLoop, SmoothingLoop
-from trainers.engine import FreePerturbation, train_one_epoch, train_one_epoch_free
+from trainers.engine import FreePerturbation, ObjectiveLoop, train_one_epoch_free
 from trainers.fast_at import FastATLoop
-from trainers.objectives import ObjectiveSettings, get_objective
 from trainers.threat import ThreatModel
 from utils.registry import Registry
 
 TRAINERS = Registry("training loop")
-
-
-class ObjectiveLoop:
-    """One optimizer step per batch on an objective's loss (natural, PGD-AT, TRADES, MART, warm-up)."""
-
-    def __init__(self, cfg, threat: ThreatModel, device: torch.device):
-        self.settings = ObjectiveSettings(threat=threat, beta=cfg.beta)
-        self.adv_loss, self.warmup_loss, self.warmup_epochs = cfg.adv_loss, cfg.warmup_loss, cfg.warmup_epochs
-
-    def train_epoch(self, model, attack_model, batches, optimizer, *, epoch: int, **common) -> Dict[str, float]:
-        loss_name = self.warmup_loss if epoch < self.warmup_epochs else self.adv_loss
-        return train_one_epoch(model, attack_model, batches, optimizer, get_objective(loss_name), self.settings,
-                               epoch=epoch, **common)
 
 
 class FreeATLoop:
