@@ -248,7 +248,16 @@ def test_local_run_continues_past_a_failed_branch_and_a_rerun_finishes_only_what
     assert markers.failed(by_mode["harp_prune"]) is None
 
 
-def test_ctrl_c_stops_the_stage_and_leaves_it_unfinished_not_failed(tmp_path, stub, monkeypatch):
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C as from a terminal, even when the suite runs in the background (`cmd &` starts it with SIGINT
+    ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_stops_the_stage_and_leaves_it_unfinished_not_failed(tmp_path, stub, monkeypatch, ctrl_c_raises):
     graph = graph_of(write_plan(tmp_path, methods=["dense"]))
     markers = state.Markers(state.state_root(graph.plan.result_dir))
     monkeypatch.setenv("STUB_SLEEP", "pretrain")

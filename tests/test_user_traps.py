@@ -22,7 +22,10 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 def test_ctrl_c_prints_one_line_and_the_rerun_resumes(tmp_path):
     argv = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "digits", "--exp-mode", "pretrain",
             "--epochs", "3", "--data-fraction", "0.3", "--result-dir", str(tmp_path), "--no-progress"]
-    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C reaches train.py as from a terminal even when this suite runs in the background (`cmd &` starts it with
+    # SIGINT ignored, and a child inherits that).
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = os.path.join(str(tmp_path), "small_cnn", "digits", "pgd", "pretrain", "checkpoint", "checkpoint.pth.tar")
     while not os.path.exists(first) and proc.poll() is None:
         time.sleep(0.02)
