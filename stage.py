@@ -208,7 +208,10 @@ def set_up_training(cfg, recipe: Recipe, model: nn.Module, graph: Optional[Layer
     if recipe.freeze_masks:
         freeze_masks(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    return TrainingParts(recipe, loop, make_optimizer(cfg, params), regularizers, hooks)
+    optimizer = make_optimizer(cfg, params)
+    for regularizer in regularizers.values():  # after every step, under whichever loop steps the optimizer
+        optimizer.register_step_post_hook(lambda _optimizer, _args, _kwargs, r=regularizer: r.after_step())
+    return TrainingParts(recipe, loop, optimizer, regularizers, hooks)
 
 
 def make_optimizer(cfg, params) -> torch.optim.Optimizer:

@@ -21,6 +21,7 @@ from configs.cli import describe_overrides, resolve_config
 from configs.errors import UserError
 from configs.recipes import BEST_ONCE_TARGET_MET, RATES, RECIPES, effective_recipe
 from configs.schema import config_to_dict
+from pruning.budget import CostModel, describe_budget
 from pruning.wrap import dense_state_dict, freeze_masks, masked_layers, sparsity_report
 from stage import (build_model, fit_checkpoint, inspect_masked, load_checkpoint_into, load_data, option_choices,
                    set_up_training, start_from_source)
@@ -57,6 +58,8 @@ class Run:
         self.total_epochs = cfg.epochs + cfg.warmup_epochs
         self.history: List[Dict] = []
         self.best = -math.inf
+        self.best_rank = 0  # how well the best checkpoint meets its target (_target_rank); a better rank always wins
+        self.cost_model: Optional[CostModel] = None
         self.start_epoch = 0
         self.threat = threat_from_config(cfg)                                   # training attacks
         self.validation_threat = threat_from_config(cfg, random_start=not cfg.const_init)
@@ -73,6 +76,8 @@ class Run:
                  cfg.num_classes)
         self.model = build_model(cfg, info, self.device, masked=self.recipe.masked)
         graph = inspect_masked(cfg, self.model, info, self.device) if self.recipe.masked else None
+        if graph is not None:  # every masked stage reports where its masks stand against the target
+            self.cost_model = CostModel(self.model, graph, cfg.prune_reg, cfg.k)
         if cfg.evaluate:
             self._load_for_evaluation()
             return
@@ -121,6 +126,7 @@ class Run:
                 part.load_state_dict(ckpt[key])
         self.start_epoch = int(ckpt["epoch"])
         self.best = float(ckpt.get("best_prec1", -math.inf))
+        self.best_rank = int(ckpt.get("best_rank", 0))
         self.history = list(ckpt.get("history", []))
         log.info("resuming %s after epoch %d of %d", self.cfg.resume or checkpoint_path(self.directory, "last"),
                  self.start_epoch, self.total_epochs)
@@ -199,15 +205,16 @@ class Run:
                 report = sparsity_report(self.model)
                 record["keep"] = report["global_keep"]
                 record["per_layer_keep"] = {n: v["keep"] for n, v in report["per_layer"].items()}
+                record["budget"] = self.cost_model.budget()
             for regularizer in self.parts.regularizers.values():
                 record.update(regularizer.measure())
             for hook in self.parts.hooks.values():
                 hook.after_epoch(epoch, record)
-            eligible = validated and (self.recipe.best_when != BEST_ONCE_TARGET_MET or record.get("target_met", True))
+            rank = self._target_rank(record) if validated else 0
             metric = record.get(self.selection_metric)
-            is_best = eligible and metric is not None and metric > self.best
+            is_best = rank > 0 and metric is not None and (rank, metric) > (self.best_rank, self.best)
             if is_best:
-                self.best = metric
+                self.best, self.best_rank = metric, rank
             record.update(is_best=is_best, seconds=round(time.time() - started, 3))
             self.history.append(record)
             if self.ctx.is_main:
@@ -217,13 +224,23 @@ class Run:
             if "per_layer_keep" in record:
                 log.info("per-layer keep: %s", ", ".join(f"{n}={v:.4f}" for n, v in record["per_layer_keep"].items()))
 
+    def _target_rank(self, record: Dict) -> int:
+        """May this epoch become the best checkpoint, and how well does it meet its target? 0: not eligible
+        (a target-gated recipe before its hardware target is met); 1: eligible but its masks are off target
+        (more than TARGET_TOLERANCE away); 2: eligible and on target. An epoch on target beats any epoch off it,
+        whatever their accuracies, so a model far sparser than asked is kept only when no epoch was on target."""
+        if self.recipe.best_when == BEST_ONCE_TARGET_MET and not record.get("target_met", True):
+            return 0
+        return 2 if record.get("budget", {}).get("on_target", True) else 1
+
     # -- checkpoints
     def checkpoint_dict(self, epoch: int, finished: bool) -> Dict:
         ckpt = {"format_version": FORMAT_VERSION, "epoch": epoch, "arch": self.cfg.arch,
                 "exp_mode": self.cfg.exp_mode, "dataset": self.cfg.dataset, "state_dict": self.model.state_dict(),
-                "best_prec1": self.best, "optimizer": self.parts.optimizer.state_dict(),
+                "best_prec1": self.best, "best_rank": self.best_rank, "optimizer": self.parts.optimizer.state_dict(),
                 "rng": rng_state(), "config": config_to_dict(self.cfg), "history": self.history,
                 "finished": finished, "sparsity": sparsity_report(self.model) if self.recipe.masked else None,
+                "budget": self.cost_model.budget() if self.cost_model is not None else None,
                 "versions": versions()}
         for key, part in self.parts.stateful().items():  # gamma, the Free-AT perturbation, a new method's state
             if key in ckpt:
@@ -274,6 +291,28 @@ class Run:
                         f"cost {final.get('soft_cost', float('nan')):.4f}, hw loss {final.get('hw_loss', float('nan')):.4f}), "
                         "so there is no model_best.pth.tar to finetune; rerun with --overwrite and a larger --gamma "
                         "or more --epochs")
+
+    def budget_warning(self) -> Optional[str]:
+        """One line when the model this run hands on (its best checkpoint) is more than TARGET_TOLERANCE away from
+        the target it was asked for: both numbers and what to change; None when it is on target."""
+        best = next((r for r in reversed(self.history) if r.get("is_best")), None)
+        budget = (best or {}).get("budget")
+        if budget is None or budget["on_target"]:
+            return None
+        return (f"off target: the best checkpoint (epoch {best['epoch']}) {describe_budget(budget)} (--k {self.cfg.k}, "
+                f"{self.cfg.prune_reg}); {self._budget_advice(budget)}")
+
+    def _budget_advice(self, budget: Dict) -> str:
+        below = budget["reached"] < budget["target"]
+        if "hardware" in self.recipe.regularizers:
+            if not below:
+                return "rerun with --overwrite and a larger --gamma or more --epochs"
+            if not self.cfg.target_floor:
+                return "rerun with --overwrite and --target-floor (or a smaller --gamma)"
+        if self.recipe.freeze_masks and self.recipe.starts_from:
+            return f"its masks come from the {self.recipe.starts_from} run, which is off target too"
+        return ("whole weights or channels per layer cannot meet it at this k (each layer keeps at least one "
+                "channel, and k_min = alpha * k): choose another --k or --prune_reg weight")
 
 
 def _epoch_line(record: Dict) -> str:
@@ -344,6 +383,9 @@ def main(argv=None) -> int:
         if writes and RATES in run.recipe.trains:
             run.export_strategy()
         log.info("done: %s (best %s %.2f%%)", checkpoint_path(run.directory, "best"), run.selection_metric, run.best)
+        warning = run.budget_warning()
+        if warning:
+            log.warning("warning: %s", warning)  # the last line a user sees: a model off its target is not the one asked for
         return 0
     except UserError as err:
         where = f"[rank {ctx.rank}] " if ctx.enabled and not ctx.is_main else ""  # a rank-local problem must show

@@ -9,8 +9,7 @@ L_hw = max(a / a_target - 1, 0), where a is differentiable in every layer's soft
 The original instead used hand-written per-architecture FLOP tables and the *next layer in registration
 order* as the output rate, which is wrong across ResNet shortcuts (a bug of the original code; README, Differences from the original code).
 """
-from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,6 +18,9 @@ from pruning.graph import LayerGraph
 from pruning.layers import WEIGHT, MaskedMixin
 from pruning.rates import keep_from_logit
 from pruning.wrap import masked_layers
+
+
+_BISECTION_STEPS = 40  # halvings of the logit-shift bracket: far below the float32 resolution of a logit
 
 
 class CostModel:
@@ -87,18 +89,94 @@ class CostModel:
         cost = self.soft_cost()
         return torch.clamp(cost / self.target - 1.0, min=0.0), cost
 
+    def raise_to_target(self) -> Optional[float]:
+        """The projection onto a >= a_target (`--target-floor`): when the soft cost has fallen below the target,
+        move the rate logits r along the gradient g of a with respect to them, r + c * g, by the c > 0 that brings a
+        back onto the target. That is the smallest move of the logits that does it (to first order), so it
+        undoes exactly the part of a step that pushed a under the target and leaves the part that moved rates
+        between layers at the same cost. Returns c, or None when the cost is not below the target.
 
-@dataclass
+        Every entry of g is positive and a(r + c * g) grows monotonically with c, so c is found by bisection; it
+        takes the bracket's upper end, so a ends at or just above the target."""
+        if not self._from_logits:
+            raise ValueError("raise_to_target needs HARP's rate logits")
+        with torch.no_grad():
+            if float(self.soft_cost()) >= self.target:
+                return None
+        unique = {id(layer.k_score): layer.k_score for layer in self.layers}  # tied rates move once
+        index = {key: i for i, key in enumerate(unique)}
+        position = torch.tensor([index[id(layer.k_score)] for layer in self.layers])
+        with torch.enable_grad():
+            logits = torch.stack([p.detach() for p in unique.values()]).double().requires_grad_(True)
+            _, keep_min, _ = self._constants(logits)
+            cost = self.cost_of(keep_from_logit(logits[position.to(logits.device)], keep_min))
+            direction, = torch.autograd.grad(cost, logits)
+        logits, position = logits.detach(), position.to(logits.device)
+
+        def cost_at(shift: float) -> float:
+            return float(self.cost_of(keep_from_logit((logits + shift * direction)[position], keep_min)))
+
+        low, high = 0.0, 1.0 / float(direction.norm())  # a move of length 1 (in logits) to start the bracket
+        while cost_at(high) < self.target:  # every rate tends to 1 (a to 1 >= target) as the shift grows
+            low, high = high, 2.0 * high
+        for _ in range(_BISECTION_STEPS):
+            middle = 0.5 * (low + high)
+            low, high = (middle, high) if cost_at(middle) < self.target else (low, middle)
+        with torch.no_grad():
+            for logit, move in zip(unique.values(), high * direction):
+                logit.add_(move.to(logit.dtype))
+        return high
+
+    def hard_cost(self) -> float:
+        """The cost the masks really have: each layer's exact kept fraction (integer counts; for channel masks the
+        kept input channels) in place of its soft rate, so a = the exact global keep fraction (weight) or the
+        FLOPs ratio of the kept channels (channel)."""
+        with torch.no_grad():
+            rates = torch.tensor([layer.kept_count() / layer.weight.numel() for layer in self.layers],
+                                 dtype=torch.float64)
+            return float(self.cost_of(rates))
+
+    def budget(self) -> Dict[str, Any]:
+        """Where the masked model stands against its target: what is measured, the target, the reached value,
+        and whether it is on target (`on_target`)."""
+        return budget_record(self.granularity, self.target, self.hard_cost())
+
+
+TARGET_TOLERANCE = 0.10  # relative: a pruned model is on target when its reached cost is within 10 % of the target
+
+
+def on_target(reached: float, target: float, tolerance: float = TARGET_TOLERANCE) -> bool:
+    return abs(reached / target - 1.0) <= tolerance
+
+
+def budget_record(granularity: str, target: float, reached: float) -> Dict[str, Any]:
+    """The budget entry of metrics, checkpoints and results: `measure` is the keep fraction of the prunable weights
+    (weight granularity) or the FLOPs ratio of the kept channels (channel), `target` what --k asks for in it."""
+    return {"measure": "keep" if granularity == WEIGHT else "flops", "target": float(target),
+            "reached": float(reached), "on_target": on_target(reached, target)}
+
+
+def describe_budget(budget: Dict[str, Any]) -> str:
+    """'kept 0.2532 % of the weights against the target 1 %' / 'FLOPs ratio ...' for messages."""
+    what = "kept" if budget["measure"] == "keep" else "FLOPs ratio"
+    tail = " of the weights" if budget["measure"] == "keep" else ""
+    return f"{what} {100 * budget['reached']:.4g} %{tail} against the target {100 * budget['target']:.4g} %"
+
+
 class GammaSchedule:
-    """gamma_e = (e + 1) * gamma0 until the end-of-epoch hardware loss rounds to 0 (4 d.p.), then frozen.
+    """HARP's dynamic gamma, the hardware loss's weight: gamma_e = (e + 1) * gamma0 until the end-of-epoch
+    hardware loss rounds to 0 (4 d.p.), then frozen for good, as the original.
 
-    Frozen for good once reached, as the original; whether an epoch's checkpoint may become "best" is
-    decided from that epoch's own hardware loss instead (see `target_met`).
+    It is the prune stage's `dynamic_gamma` hook: before each epoch it sets the weight of the regularizer it was
+    given. Whether an epoch's checkpoint may become "best" is decided from that epoch's own budget instead
+    (train.py; `target_met`, `on_target`).
     """
 
-    gamma0: float
-    dynamic: bool = True
-    frozen: Optional[float] = None
+    state_key = "gamma"
+
+    def __init__(self, gamma0: float, dynamic: bool = True, frozen: Optional[float] = None, regularizer=None):
+        self.gamma0, self.dynamic, self.frozen = gamma0, dynamic, frozen
+        self.regularizer = regularizer
 
     def value(self, epoch: int) -> float:
         if self.frozen is not None:
@@ -109,8 +187,15 @@ class GammaSchedule:
         if self.frozen is None and target_met(hw_loss):
             self.frozen = self.value(epoch)
 
+    def before_epoch(self, epoch: int) -> Dict[str, Any]:
+        self.regularizer.weight = self.value(epoch)
+        return {"gamma": self.regularizer.weight}
+
+    def after_epoch(self, epoch: int, record: Dict[str, Any]) -> None:
+        self.end_of_epoch(epoch, record["hw_loss"])
+
     def state_dict(self) -> Dict:
-        return asdict(self)
+        return {"gamma0": self.gamma0, "dynamic": self.dynamic, "frozen": self.frozen}
 
     def load_state_dict(self, state: Dict) -> None:
         self.gamma0, self.dynamic, self.frozen = state["gamma0"], state["dynamic"], state["frozen"]

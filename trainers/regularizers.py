@@ -1,7 +1,8 @@
 """Extra loss terms (regularizers) and per-epoch hooks that a stage recipe names (configs/recipes.py).
 
 A regularizer is a callable returning an unweighted differentiable term; the engine adds `weight * term` to the
-loss at every step and reports the term's mean as `<name>_mean`. A hook runs around each epoch: `before_epoch`
+loss at every step and reports the term's mean as `<name>_mean`; its `after_step` runs after every optimizer step
+(stage.set_up_training registers it on the optimizer, so it works under every training loop). A hook runs around each epoch: `before_epoch`
 may set weights and returns metrics for the epoch's record, `after_epoch` sees the finished record. Anything
 with state (`state_dict`/`load_state_dict`) is saved in every checkpoint under the `state_key` it declares and
 restored on resume by the entry point's one generic path, so a new method's state needs no checkpoint code.
@@ -33,18 +34,31 @@ class Regularizer(Protocol):
 
     def measure(self) -> Dict[str, Any]: ...   # end-of-epoch metrics for the epoch's record
 
+    def after_step(self) -> None: ...          # runs after every optimizer step (e.g. a projection of the rates)
+
 
 class HardwareLoss:
-    """HARP's hardware loss max(a / a_target - 1, 0) on the soft cost a of the masked model (HARP paper Sec. 3; the original's utils/hw.py)."""
+    """HARP's hardware loss max(a / a_target - 1, 0) on the soft cost a of the masked model (HARP paper Sec. 3; the
+    original's utils/hw.py).
+
+    With `floor` (--target-floor, ours) the rates are also held at the target from below: the hinge only pushes
+    down, so one large step (a large gamma over a small target) can drive a far under the target with nothing but
+    the task loss to bring it back; after every optimizer step that leaves a under the target, `after_step`
+    shifts every rate logit by one constant back onto it (pruning.budget.CostModel.raise_to_target)."""
 
     name = "hw_loss"
 
-    def __init__(self, cost_model: CostModel, weight: float = 0.0):
+    def __init__(self, cost_model: CostModel, weight: float = 0.0, floor: bool = False):
         self.cost_model = cost_model
         self.weight = weight
+        self.floor = floor
 
     def __call__(self) -> torch.Tensor:
         return self.cost_model.loss()[0]
+
+    def after_step(self) -> None:
+        if self.floor:
+            self.cost_model.raise_to_target()
 
     def measure(self) -> Dict[str, Any]:
         with torch.no_grad():
@@ -67,30 +81,9 @@ def _hardware(cfg, model, graph) -> HardwareLoss:
     cost_model = CostModel(model, graph, cfg.prune_reg, cfg.k)
     log.info("hardware target a_target = %.6f (%s), current soft a = %.6f", cost_model.target,
              "keep fraction" if cfg.prune_reg == "weight" else "FLOPs ratio", float(cost_model.soft_cost().detach()))
-    return (GateBudgetLoss if gate_layers(model) else HardwareLoss)(cost_model)
-
-
-class DynamicGamma:
-    """HARP's dynamic gamma: the hardware loss's weight grows by gamma0 per epoch until the target is met."""
-
-    state_key = "gamma"
-
-    def __init__(self, regularizer: HardwareLoss, gamma0: float, dynamic: bool):
-        self.regularizer = regularizer
-        self.schedule = GammaSchedule(gamma0, dynamic)
-
-    def before_epoch(self, epoch: int) -> Dict[str, Any]:
-        self.regularizer.weight = self.schedule.value(epoch)
-        return {"gamma": self.regularizer.weight}
-
-    def after_epoch(self, epoch: int, record: Dict[str, Any]) -> None:
-        self.schedule.end_of_epoch(epoch, record["hw_loss"])
-
-    def state_dict(self) -> Dict:
-        return self.schedule.state_dict()
-
-    def load_state_dict(self, state: Dict) -> None:
-        self.schedule.load_state_dict(state)
+    if gate_layers(model):  # in-train gates reach their budget through their own projection (GateSettle)
+        return GateBudgetLoss(cost_model)
+    return HardwareLoss(cost_model, floor=cfg.target_floor)
 
 
 class GateSettle:
@@ -128,6 +121,6 @@ def _gate_settle(cfg, regularizers) -> GateSettle:
 
 
 REGULARIZERS.add("hardware", _hardware)
-HOOKS.add("dynamic_gamma", lambda cfg, regularizers: DynamicGamma(regularizers["hardware"], cfg.gamma,
-                                                                  cfg.gamma_dynamic))
+HOOKS.add("dynamic_gamma", lambda cfg, regularizers: GammaSchedule(cfg.gamma, cfg.gamma_dynamic,
+                                                                   regularizer=regularizers["hardware"]))
 HOOKS.add("gate_settle", _gate_settle)
