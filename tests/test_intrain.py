@@ -19,6 +19,7 @@ from pruning.gates import (BUDGET_TOLERANCE, GateMixin, gate_slope, on_budget, p
 from pruning.graph import inspect_layers
 from pruning.wrap import masked_layers, sparsify
 from scripts.results import method_of
+from trainers.regularizers import GateBudgetLoss
 from stage import build_model, load_data
 from tests.conftest import load_entry_point
 from utils.checkpoint import load_checkpoint
@@ -110,6 +111,28 @@ def test_the_projection_fills_the_budget_from_above_and_from_below(granularity, 
         assert project_to_target(cost_model) is None  # already projected: nothing to do
     if granularity == "weight":
         assert on_budget(cost, cost_model.target) and cost >= (1 - BUDGET_TOLERANCE) * target
+
+
+@pytest.mark.parametrize("floor", [True, False])
+def test_the_budget_floor_reopens_gates_only_when_the_cost_falls_far_under_the_target(floor):
+    model = tiny("weight")
+    cost_model = CostModel(model, inspect_layers(model, EXAMPLE), "weight", 0.3)
+    loss = GateBudgetLoss(cost_model, floor=floor)
+    gates = unique_gates(cost_model.layers)
+    with torch.no_grad():
+        for g in gates:
+            g.sub_(g.mean() + 3.0)  # almost every gate closed: far under the budget
+    under = float(cost_model.soft_cost().detach())
+    assert under < (1 - BUDGET_TOLERANCE) * 0.3
+    loss.after_step()
+    cost = float(cost_model.soft_cost().detach())
+    if floor:
+        assert on_budget(cost, 0.3)
+        snapshot = [g.detach().clone() for g in gates]
+        loss.after_step()  # on budget: nothing moves
+        assert all(torch.equal(a, g) for a, g in zip(snapshot, gates))
+    else:
+        assert cost == under
 
 
 class TwoReaders(nn.Module):
