@@ -49,30 +49,44 @@ class CostModel:
         weights = [layer.weight_count if granularity == WEIGHT else layer.flops for layer in info]
         self._weights = torch.tensor(weights, dtype=torch.float64) / sum(weights)
         self._keep_min = torch.tensor([layer.keep_min for layer in self.layers], dtype=torch.float64)
+        # what a layer's mask counts: weights (weight granularity) or input channels (channel)
+        self._units = torch.tensor([layer.popup_scores.numel() for layer in self.layers], dtype=torch.float64)
         self._on_device = {}
         self._from_logits = all(type(layer).keep_rate is MaskedMixin.keep_rate for layer in self.layers)
+        # The channel target is the FLOPs ratio of every layer at k, each keeping at least one channel as its mask
+        # does (a 1-channel image input is kept whole): what uniform pruning at k costs, so HARP and Hydra compare at
+        # equal FLOPs.
         self.target = target_keep if granularity == WEIGHT else float(
-            self._flops_ratio(torch.full((len(info),), float(target_keep), dtype=torch.float64)))
+            self._flops_ratio(self._at_least_one_unit(torch.full((len(info),), float(target_keep), dtype=torch.float64))))
 
     def _constants(self, like: torch.Tensor):
         key = (like.device, like.dtype)
         if key not in self._on_device:
-            self._on_device[key] = (self._weights.to(like), self._keep_min.to(like), self._consumers.to(like.device))
+            self._on_device[key] = (self._weights.to(like), self._keep_min.to(like), self._consumers.to(like.device),
+                                    self._units.to(like))
         return self._on_device[key]
 
+    def _at_least_one_unit(self, rates: torch.Tensor) -> torch.Tensor:
+        """Every rate at least one unit of its layer (one weight, or one input channel), as every mask keeps one:
+        without it a layer with one input channel (a grey-scale image) would count as prunable while its mask keeps
+        it whole, and the cost would undercount what the masks keep."""
+        return torch.maximum(rates, 1.0 / self._constants(rates)[3])
+
     def _flops_ratio(self, keep_in: torch.Tensor) -> torch.Tensor:
-        weights, _, consumers = self._constants(keep_in)
+        weights, _, consumers, _ = self._constants(keep_in)
         keep_out = torch.cat([keep_in, keep_in.new_tensor([0.0, 1.0])])[consumers].amax(dim=1)
         return (weights * keep_in * keep_out).sum()
 
     def layer_rates(self) -> torch.Tensor:
-        """Every layer's differentiable keep rate k_l, in layer order. HARP's rates all come from rate logits, so
-        they are one vectorised stack; another mask kind (in-train gates) gives each layer's own `keep_rate()`."""
+        """Every layer's differentiable keep rate k_l (at least one unit, `_at_least_one_unit`), in layer order.
+        HARP's rates all come from rate logits, so they are one vectorised stack; another mask kind (in-train gates)
+        gives each layer's own `keep_rate()`."""
         if not self._from_logits:
             return torch.stack([layer.keep_rate() for layer in self.layers])
-        logits = torch.stack([layer.k_score for layer in self.layers])
-        _, keep_min, _ = self._constants(logits)
-        return keep_from_logit(logits, keep_min)
+        return self._rates_from_logits(torch.stack([layer.k_score for layer in self.layers]))
+
+    def _rates_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return self._at_least_one_unit(keep_from_logit(logits, self._constants(logits)[1]))
 
     def cost_of(self, rates: torch.Tensor) -> torch.Tensor:
         """a for given per-layer keep rates: keep fraction (weight) or FLOPs ratio (channel)."""
@@ -90,11 +104,12 @@ class CostModel:
         return torch.clamp(cost / self.target - 1.0, min=0.0), cost
 
     def raise_to_target(self) -> Optional[float]:
-        """The projection onto a >= a_target (`--target-floor`): when the soft cost has fallen below the target,
-        move the rate logits r along the gradient g of a with respect to them, r + c * g, by the c > 0 that brings a
-        back onto the target. That is the smallest move of the logits that does it (to first order), so it
-        undoes exactly the part of a step that pushed a under the target and leaves the part that moved rates
-        between layers at the same cost. Returns c, or None when the cost is not below the target.
+        """The projection onto a >= a_target (`--target-floor`): when the cost has fallen below the target, move the
+        rate logits r along the gradient g of the cost with respect to them (the hardware loss's own direction),
+        r + c * g, by the c > 0 that brings the cost back onto the target. That is the smallest move of the logits
+        that does it (to first order), so it undoes exactly the part of a step that pushed a under the target and
+        leaves the part that moved rates between layers at the same cost. Returns c, or None when the cost is not
+        below the target (or no rate can move it: every layer at its one unit).
 
         Every entry of g is positive and a(r + c * g) grows monotonically with c, so c is found by bisection; it
         takes the bracket's upper end, so a ends at or just above the target."""
@@ -108,13 +123,15 @@ class CostModel:
         position = torch.tensor([index[id(layer.k_score)] for layer in self.layers])
         with torch.enable_grad():
             logits = torch.stack([p.detach() for p in unique.values()]).double().requires_grad_(True)
-            _, keep_min, _ = self._constants(logits)
-            cost = self.cost_of(keep_from_logit(logits[position.to(logits.device)], keep_min))
-            direction, = torch.autograd.grad(cost, logits)
-        logits, position = logits.detach(), position.to(logits.device)
+            position = position.to(logits.device)
+            direction, = torch.autograd.grad(self.cost_of(self._rates_from_logits(logits[position])), logits)
+        logits, dtype = logits.detach(), next(iter(unique.values())).dtype
+        if not float(direction.norm()) > 0:
+            return None
 
-        def cost_at(shift: float) -> float:
-            return float(self.cost_of(keep_from_logit((logits + shift * direction)[position], keep_min)))
+        def cost_at(shift: float) -> float:  # the logits as they will be stored (rounded to their dtype)
+            moved = (logits + shift * direction).to(dtype).double()
+            return float(self.cost_of(self._rates_from_logits(moved[position])))
 
         low, high = 0.0, 1.0 / float(direction.norm())  # a move of length 1 (in logits) to start the bracket
         while cost_at(high) < self.target:  # every rate tends to 1 (a to 1 >= target) as the shift grows
@@ -123,8 +140,8 @@ class CostModel:
             middle = 0.5 * (low + high)
             low, high = (middle, high) if cost_at(middle) < self.target else (low, middle)
         with torch.no_grad():
-            for logit, move in zip(unique.values(), high * direction):
-                logit.add_(move.to(logit.dtype))
+            for logit, moved in zip(unique.values(), logits + high * direction):
+                logit.copy_(moved)
         return high
 
     def hard_cost(self) -> float:

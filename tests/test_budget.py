@@ -48,10 +48,9 @@ def test_floor_lifts_a_cost_below_the_target_onto_it_along_the_costs_gradient(gr
     gradient = cost_gradient(model, cost)
     shift = cost.raise_to_target()
     assert shift > 0
-    assert soft(cost) == pytest.approx(cost.target, rel=1e-5)
-    assert soft(cost) >= cost.target * (1 - 1e-6)
+    assert soft(cost) == pytest.approx(cost.target, rel=1e-5) and soft(cost) >= cost.target
     assert torch.allclose(logits(model) - before, shift * gradient, rtol=1e-4, atol=1e-6)
-    assert cost.raise_to_target() is None or soft(cost) >= cost.target * (1 - 1e-6)
+    assert cost.raise_to_target() is None
 
 
 def test_floor_leaves_a_cost_at_or_above_the_target_alone():
@@ -74,7 +73,7 @@ def test_floor_moves_a_tied_rate_once_by_its_whole_gradient():
     set_keep_rates(model, {name: 0.1 for name in layers})
     before, gradient = logits(model), cost_gradient(model, cost)
     shift = cost.raise_to_target()
-    assert soft(cost) == pytest.approx(cost.target, rel=1e-5)
+    assert soft(cost) == pytest.approx(cost.target, rel=1e-5) and soft(cost) >= cost.target
     assert torch.allclose(logits(model) - before, shift * gradient, rtol=1e-4, atol=1e-6)
 
 
@@ -84,7 +83,7 @@ def test_hardware_loss_applies_the_floor_after_a_step_only_when_asked():
     HardwareLoss(cost, floor=False).after_step()
     assert soft(cost) < cost.target
     HardwareLoss(cost, floor=True).after_step()
-    assert soft(cost) >= cost.target * (1 - 1e-6)
+    assert soft(cost) >= cost.target
 
 
 def test_hard_cost_counts_the_kept_weights_and_the_budget_record_judges_them():
