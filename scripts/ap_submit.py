@@ -208,7 +208,7 @@ def submit(checkpoint: str, ap_method: str, output: Optional[str] = None, result
     return Submission(key, *paths, text, list(result["protocol"].get("deviations", [])))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ap_submit.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("checkpoint", help="the evaluated checkpoint (e.g. RUN/checkpoint/model_best.pth.tar)")
     parser.add_argument("--ap-method", required=True, help="the taxonomy's ap_key, e.g. HARP_Zhao2023Holistic")
@@ -216,7 +216,11 @@ def main(argv=None) -> int:
     parser.add_argument("--result", default=None, help="test.py --attack-preset ap result JSON (default: "
                         "<run dir>/eval/<checkpoint stem>_ap.json)")
     parser.add_argument("--sparsity", default=None, help="the key's sparsity level (default: 100 * (1 - k))")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         done = submit(args.checkpoint, args.ap_method, args.output, args.result, args.sparsity)
     except UserError as err:

@@ -327,7 +327,7 @@ def run(arch: str = "vgg16_bn", dataset: str = "CIFAR10", batch_size: int = 32, 
     return result
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -342,6 +342,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-compact", action="store_true", help="skip the compact channel export's speed-up")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.warmup < 2:
         parser.error("--warmup must be >= 2")

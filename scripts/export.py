@@ -161,7 +161,8 @@ def summary(report: Dict) -> str:
     return text
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def parse(argv: Optional[Sequence[str]]):
+    """(export arguments, Config): the export flags here, every other flag resolved as test.py resolves it."""
     parser = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      epilog="Every other flag names the run as for test.py (--arch, --dataset, "
                                             "--exp-mode, --k, --prune-reg, --stg-id, --result-dir, --source-net, "
@@ -171,8 +172,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--speed-batch", type=int, default=0, metavar="N",
                         help="channel pruning: also time the CPU forward, dense against compact, at batch N")
     args, rest = parser.parse_known_args(argv)
+    return args, resolve_config(rest, "test", "export.py", choices=option_choices())[0]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        cfg, _ = resolve_config(rest, "test", "export.py", choices=option_choices())
+        args, cfg = parse(argv)
         report = export_checkpoint(evaluated_checkpoint(cfg), args.output, args.speed_batch)
     except UserError as err:
         print(f"export.py: error: {err}", file=sys.stderr)

@@ -229,7 +229,7 @@ def make_tables(paths: Sequence[str], fmt: str = "md", attack: str = "autoattack
     return FORMATS[fmt](build_tables(cells, value), attack, preset, metric, show_sparsity)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="make_tables.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("paths", nargs="+", metavar="RESULTS", help="results tree(s) to walk, or result JSON files")
     parser.add_argument("--format", default="md", choices=sorted(FORMATS), help="output format (default: md)")
@@ -245,7 +245,11 @@ def main(argv=None) -> int:
     parser.add_argument("--show-sparsity", action="store_true",
                         help="add each model's exact measured sparsity to its cell")
     parser.add_argument("-o", "--output", default=None, help="write here instead of standard output")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         text = make_tables(args.paths, args.format, args.attack, args.preset, args.metric, args.dataset,
                            args.show_sparsity, args.value)

@@ -284,7 +284,7 @@ def _save(fig, output: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plots.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     keep = sub.add_parser("keep-rates", allow_abbrev=False, help="per-layer keep rates of pruned models")
@@ -304,7 +304,11 @@ def main(argv=None) -> int:
     curve.add_argument("--labels", nargs="+", default=None)
     for p in (keep, acc, curve):
         p.add_argument("-o", "--output", required=True, help="PNG file to write")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "keep-rates":
             plot_keep_rates(args.inputs, args.output, args.labels, args.k, args.alpha, not args.linear)

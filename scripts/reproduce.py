@@ -38,7 +38,7 @@ from scripts.reproduction.state import STATES, Markers, cell_state, graph_states
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("plan", nargs="?", help="plan file (YAML), e.g. scripts/plans/digits.yaml")
@@ -70,6 +70,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     cluster.add_argument("--sbatch-arg", action="append", default=None, metavar="ARG",
                          help="a further sbatch argument, e.g. --sbatch-arg=--account=abc (repeatable)")
     cluster.add_argument("--sbatch", default="sbatch", help="the sbatch command (default: sbatch on PATH)")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.exec_task is None and args.plan is None:
         parser.error("give a plan file, e.g. scripts/plans/digits.yaml")

@@ -1,6 +1,6 @@
 """scripts/reproduce.py: plans expanded into the stage graph, local runs (with a stub interpreter standing in for
 train.py/test.py), stage states, SLURM submission against a fake sbatch, tables of the finished cells and the compute
-estimate. The real digits plan is measured in the README, not run here."""
+estimate. The real digits plan is measured in docs/reproduction.md, not run here."""
 import hashlib
 import json
 import os

@@ -1,4 +1,4 @@
-"""Speed rules (README "What makes it fast") that can be checked exactly, without a clock.
+"""Speed rules (docs/speed.md, "What makes it fast") that can be checked exactly, without a clock.
 
 - A mask is computed once per optimizer step (scores and rates trainable: harp_prune), never once per
   forward: the 10 PGD forwards and the training forward of a step reuse it. With frozen masks (finetune)
