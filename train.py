@@ -22,8 +22,8 @@ from configs.errors import UserError
 from configs.recipes import BEST_ONCE_TARGET_MET, RATES, RECIPES, effective_recipe
 from configs.schema import config_to_dict
 from pruning.wrap import dense_state_dict, freeze_masks, masked_layers, sparsity_report
-from stage import (build_model, fit_checkpoint, inspect_masked, load_checkpoint_into, load_data, option_choices,
-                   set_up_training, start_from_source)
+from stage import (Source, build_stage, build_stage_model, load_checkpoint_into, load_data, option_choices,
+                   recipe_source)
 from strategies import parse_strategy_id
 from strategies.files import keep_rates_from_sparsity, save_strategies, split_file_strategy
 from trainers.evaluation.scoring import accuracies
@@ -71,18 +71,18 @@ class Run:
         log.info("data: %s, %d train / %d %s examples, %d classes", info.name, self.data.num_train,
                  self.data.num_val or self.data.num_test, "validation" if self.data.num_val else "test",
                  cfg.num_classes)
-        self.model = build_model(cfg, info, self.device, masked=self.recipe.masked)
-        graph = inspect_masked(cfg, self.model, info, self.device) if self.recipe.masked else None
         if cfg.evaluate:
+            self.model, _ = build_stage_model(cfg, self.recipe, info, self.device)
             self._load_for_evaluation()
             return
         if resume_ckpt is None:
-            start_from_source(cfg, self.recipe, self.model, self.device)
+            stage = build_stage(cfg, info, self.device, self.threat,
+                                source=recipe_source(cfg, self.recipe, self.device))
         else:
-            self._restore_weights(resume_ckpt)
-        self.parts = set_up_training(cfg, self.recipe, self.model, graph, self.threat, self.device)
-        if resume_ckpt is not None:
-            self._restore_state(resume_ckpt)
+            resume = Source(resume_ckpt, cfg.resume or checkpoint_path(self.directory, "last"))
+            stage = build_stage(cfg, info, self.device, self.threat, resume=resume)
+            self._restore_progress(resume_ckpt)
+        self.model, self.parts = stage.model, stage.parts
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.ctx.enabled and self.device.type == "cuda":
@@ -109,16 +109,9 @@ class Run:
             freeze_masks(self.model)
         log.info("evaluating %s", path)
 
-    def _restore_weights(self, ckpt: Dict) -> None:
-        path = self.cfg.resume or checkpoint_path(self.directory, "last")
-        fit_checkpoint(self.model, ckpt, path, keep_pruning_state=True, k=self.cfg.k)
-
-    def _restore_state(self, ckpt: Dict) -> None:
-        """The optimizer, the loop, regularizers and hooks: one generic path over everything with state."""
-        self.parts.optimizer.load_state_dict(ckpt["optimizer"])
-        for key, part in self.parts.stateful().items():
-            if ckpt.get(key) is not None:
-                part.load_state_dict(ckpt[key])
+    def _restore_progress(self, ckpt: Dict) -> None:
+        """Where the interrupted run stopped: its epoch, best metric and history (stage.build_stage restores the
+        weights, the optimizer and every stateful part)."""
         self.start_epoch = int(ckpt["epoch"])
         self.best = float(ckpt.get("best_prec1", -math.inf))
         self.history = list(ckpt.get("history", []))
