@@ -17,7 +17,6 @@ from configs.recipes import (MASKS_GATES, RATES, RATES_FROM_MASKS, SCORES, SCORE
 from configs.recipes import recipe as mode_recipe
 from data import DataSource, build_data
 from models import create_model
-from pruning.allocation import allocate_keep_rates
 from pruning.gates import tie_gates
 from pruning.budget import CostModel
 from pruning.graph import LayerGraph, inspect_layers
@@ -26,8 +25,8 @@ from pruning.loading import check_trained_with, describe_state, load_weights
 from pruning.masks import kept_channel_count
 from pruning.trainable import set_trainable
 from pruning.wrap import freeze_masks, masked_layers, sparsify
-from strategies import parse_strategy_id, shipped_strategy
-from strategies.files import load_strategy, split_file_strategy
+from strategies.files import split_file_strategy
+from strategies.start import start_rates
 from trainers.evaluation.registry import NATURAL, attack_names, validation_attack_names
 from trainers.objectives import OBJECTIVES
 from trainers.protocols import EpochHook, Stateful, TrainingLoop
@@ -100,23 +99,10 @@ def warn_about_channel_target(cfg, model: nn.Module, graph: LayerGraph) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- masks
-def initial_rates(cfg, model: nn.Module) -> Dict[str, float]:
-    """Per-layer start rates of --stg_id: a strategy file's (FILE:ID), a shipped original list, else computed from
-    the model."""
-    if split_file_strategy(cfg.stg_id) is not None:
-        return load_strategy(cfg.stg_id, arch=cfg.arch, granularity=cfg.prune_reg,
-                             layer_names=[name for name, _ in masked_layers(model)]).rates
-    density, rule = parse_strategy_id(cfg.stg_id)
-    shipped = shipped_strategy(cfg.arch, cfg.prune_reg, cfg.stg_id)
-    if shipped is not None:
-        return shipped
-    return allocate_keep_rates(rule, density, {name: layer.weight for name, layer in masked_layers(model)})
-
-
 def init_pruning_state(cfg, recipe: Recipe, model: nn.Module) -> None:
     """Fresh scores and rate logits: magnitude scores (--scaled-score-init), random ones (--scores-init-type) or
-    the recipe's own score initialisation; rates from --stg_id (--rate-stg-init) or uniform at --k. The recipe
-    decides the defaults of both switches."""
+    the recipe's own score initialisation; rates from --stg_id (--rate-stg-init; `strategies.start.start_rates`
+    picks the source) or uniform at --k. The recipe decides the defaults of both switches."""
     if cfg.scaled_score_init:
         init_scores_from_weights(model)
     elif cfg.scores_init_type:
@@ -128,7 +114,9 @@ def init_pruning_state(cfg, recipe: Recipe, model: nn.Module) -> None:
     # A strategy file is only ever named to be used, so it sets the rates in every mode (Heracles' non-uniform
     # Hydra: score_prune / lwm_finetune, whose recipes start uniform at --k).
     if cfg.rate_stg_init or split_file_strategy(cfg.stg_id) is not None:
-        rates, origin = initial_rates(cfg, model), cfg.stg_id
+        weights = {name: layer.weight for name, layer in masked_layers(model)}
+        rates = start_rates(cfg.stg_id, arch=cfg.arch, granularity=cfg.prune_reg, weights=weights)
+        origin = cfg.stg_id
     else:
         rates, origin = {name: cfg.k for name, _ in masked_layers(model)}, f"uniform k = {cfg.k}"
     raised = set_keep_rates(model, rates)
