@@ -36,6 +36,7 @@ from utils.logging import buffer_logging, setup_logging, write_jsonl
 from utils.run_dir import checkpoint_path, finished_with_same_settings, plan_run, run_dir
 from utils.schedules import lr_at_epoch
 from utils.seed import epoch_seed, rng_state, seed_everything
+from utils.tensorboard_log import EpochScalars
 from utils.versions import versions
 
 log = logging.getLogger("train")
@@ -60,6 +61,9 @@ class Run:
         self.start_epoch = 0
         self.threat = threat_from_config(cfg)                                   # training attacks
         self.validation_threat = threat_from_config(cfg, random_start=not cfg.const_init)
+        # each epoch's record mirrored as TensorBoard scalars (rank 0); a missing package fails here, at set-up
+        mirrored = cfg.tensorboard and ctx.is_main and not cfg.evaluate
+        self.scalars = EpochScalars(os.path.join(self.directory, "tensorboard")) if mirrored else None
 
     # -- set-up
     def setup(self, resume_ckpt: Optional[Dict]) -> None:
@@ -205,6 +209,8 @@ class Run:
             self.history.append(record)
             if self.ctx.is_main:
                 self.save(epoch + 1, is_best, finished=last)
+            if self.scalars is not None:
+                self.scalars.write(record)
             barrier(self.ctx)
             log.info(_epoch_line(record))
             if "per_layer_keep" in record:
@@ -332,6 +338,8 @@ def main(argv=None) -> int:
             with open(os.path.join(run.directory, "config.yaml"), "w") as fh:
                 yaml.safe_dump(config_to_dict(run.cfg), fh, sort_keys=True)
         run.run_epochs()
+        if run.scalars is not None:
+            run.scalars.close()
         run.warn_if_at_chance()
         run.check_target_reached()
         if writes and RATES in run.recipe.trains:
