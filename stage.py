@@ -237,9 +237,8 @@ def make_optimizer(cfg, params) -> torch.optim.Optimizer:
 # ----------------------------------------------------------------------------------------------- the stage builder
 @dataclass
 class Stage:
-    """One stage as a run trains it: the model, its layer graph (masked models) and the training parts."""
+    """One stage as a run trains it: the model and the training parts."""
     model: nn.Module
-    graph: Optional[LayerGraph]
     parts: TrainingParts
 
 
@@ -264,4 +263,4 @@ def build_stage(cfg, info, device: torch.device, threat, *, source: Optional[Sou
     parts = set_up_training(cfg, recipe, model, graph, threat, device)
     if resume is not None:
         parts.load_state_dict(resume.ckpt)
-    return Stage(model, graph, parts)
+    return Stage(model, parts)
