@@ -6,7 +6,7 @@ Layer 5 like the entry points (it may import every package); library packages ne
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,6 @@ from configs.recipes import (MASKS_GATES, RATES, RATES_FROM_MASKS, SCORES, SCORE
 from configs.recipes import recipe as mode_recipe
 from data import DataSource, build_data
 from models import create_model
-from pruning.allocation import allocate_keep_rates
 from pruning.gates import tie_gates
 from pruning.budget import CostModel
 from pruning.graph import LayerGraph, inspect_layers
@@ -26,11 +25,12 @@ from pruning.loading import check_trained_with, describe_state, load_weights
 from pruning.masks import kept_channel_count
 from pruning.trainable import set_trainable
 from pruning.wrap import freeze_masks, masked_layers, sparsify
-from strategies import parse_strategy_id, shipped_strategy
-from strategies.files import load_strategy, split_file_strategy
+from strategies.files import split_file_strategy
+from strategies.start import start_rates
 from trainers.evaluation.registry import NATURAL, attack_names, validation_attack_names
 from trainers.objectives import OBJECTIVES
-from trainers.regularizers import HOOKS, REGULARIZERS
+from trainers.protocols import EpochHook, Stateful, TrainingLoop
+from trainers.regularizers import HOOKS, REGULARIZERS, Regularizer
 from trainers.training import TRAINERS
 from utils.checkpoint import load_checkpoint, state_dict_of
 from utils.run_dir import source_checkpoint
@@ -99,23 +99,10 @@ def warn_about_channel_target(cfg, model: nn.Module, graph: LayerGraph) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- masks
-def initial_rates(cfg, model: nn.Module) -> Dict[str, float]:
-    """Per-layer start rates of --stg_id: a strategy file's (FILE:ID), a shipped original list, else computed from
-    the model."""
-    if split_file_strategy(cfg.stg_id) is not None:
-        return load_strategy(cfg.stg_id, arch=cfg.arch, granularity=cfg.prune_reg,
-                             layer_names=[name for name, _ in masked_layers(model)]).rates
-    density, rule = parse_strategy_id(cfg.stg_id)
-    shipped = shipped_strategy(cfg.arch, cfg.prune_reg, cfg.stg_id)
-    if shipped is not None:
-        return shipped
-    return allocate_keep_rates(rule, density, {name: layer.weight for name, layer in masked_layers(model)})
-
-
 def init_pruning_state(cfg, recipe: Recipe, model: nn.Module) -> None:
     """Fresh scores and rate logits: magnitude scores (--scaled-score-init), random ones (--scores-init-type) or
-    the recipe's own score initialisation; rates from --stg_id (--rate-stg-init) or uniform at --k. The recipe
-    decides the defaults of both switches."""
+    the recipe's own score initialisation; rates from --stg_id (--rate-stg-init; `strategies.start.start_rates`
+    picks the source) or uniform at --k. The recipe decides the defaults of both switches."""
     if cfg.scaled_score_init:
         init_scores_from_weights(model)
     elif cfg.scores_init_type:
@@ -127,7 +114,9 @@ def init_pruning_state(cfg, recipe: Recipe, model: nn.Module) -> None:
     # A strategy file is only ever named to be used, so it sets the rates in every mode (Heracles' non-uniform
     # Hydra: score_prune / lwm_finetune, whose recipes start uniform at --k).
     if cfg.rate_stg_init or split_file_strategy(cfg.stg_id) is not None:
-        rates, origin = initial_rates(cfg, model), cfg.stg_id
+        weights = {name: layer.weight for name, layer in masked_layers(model)}
+        rates = start_rates(cfg.stg_id, arch=cfg.arch, granularity=cfg.prune_reg, weights=weights)
+        origin = cfg.stg_id
     else:
         rates, origin = {name: cfg.k for name, _ in masked_layers(model)}, f"uniform k = {cfg.k}"
     raised = set_keep_rates(model, rates)
@@ -153,19 +142,39 @@ def load_checkpoint_into(model: nn.Module, path: str, device, *, keep_pruning_st
     return ckpt
 
 
-def start_from_source(cfg, recipe: Recipe, model: nn.Module, device) -> None:
-    """Load the stage's source checkpoint (the recipe's `starts_from` run, or --source-net) and set up the masks:
-    kept from the source when the recipe says so, else initialised afresh on the loaded weights."""
+@dataclass(frozen=True)
+class Source:
+    """Weights a stage starts from: a checkpoint as read (its weights under `state_dict`) and where it came from (a
+    path, or what the weights in memory are)."""
+    ckpt: Dict
+    path: str
+
+    @classmethod
+    def of_model(cls, model: nn.Module, label: str) -> "Source":
+        """A model's own weights in memory (scripts/benchmark.py starts its stages from the model before)."""
+        return cls({"state_dict": model.state_dict()}, label)
+
+
+def recipe_source(cfg, recipe: Recipe, device) -> Optional[Source]:
+    """The stage's source checkpoint: the recipe's `starts_from` run, or --source-net; None for a fresh model."""
     path = source_checkpoint(cfg)
     if path is None:
-        if recipe.masked:
-            init_pruning_state(cfg, recipe, model)
-        return
+        return None
     if not os.path.exists(path):
         hint = "" if cfg.source_net else f" (run the {recipe.starts_from} stage first, or pass --source-net PATH)"
         raise UserError(f"source checkpoint {path} does not exist{hint}")
+    return Source(load_checkpoint(path, map_location=device), path)
+
+
+def start_from_source(cfg, recipe: Recipe, model: nn.Module, source: Optional[Source]) -> None:
+    """Load the stage's source (None: a fresh model) and set up the masks: kept from the source when the recipe
+    says so, else initialised afresh on the loaded weights."""
+    if source is None:
+        if recipe.masked:
+            init_pruning_state(cfg, recipe, model)
+        return
     from_source = recipe.masked and recipe.score_init == SCORES_FROM_SOURCE
-    ckpt = load_checkpoint(path, map_location=device)
+    ckpt, path = source.ckpt, source.path
     if from_source and not describe_state(state_dict_of(ckpt, path)).has_scores:
         raise UserError(f"the source checkpoint {path} has no pruning scores; run the {recipe.starts_from} "
                         "stage first, or finetune magnitude masks from a dense model with --exp-mode lwm_finetune")
@@ -180,15 +189,22 @@ def start_from_source(cfg, recipe: Recipe, model: nn.Module, device) -> None:
 class TrainingParts:
     """What a training run steps besides the model: the loop, the optimizer and the recipe's extras."""
     recipe: Recipe
-    loop: object
+    loop: TrainingLoop
     optimizer: torch.optim.Optimizer
-    regularizers: Dict[str, object]
-    hooks: Dict[str, object]
+    regularizers: Dict[str, Regularizer]
+    hooks: Dict[str, EpochHook]
 
-    def stateful(self) -> Dict[str, object]:
-        """Every part with state to checkpoint (a `state_dict` method), by the checkpoint key it declares."""
+    def stateful(self) -> Dict[str, Stateful]:
+        """Every part with state to checkpoint, by the checkpoint key it declares."""
         parts = [self.loop, *self.regularizers.values(), *self.hooks.values()]
-        return {part.state_key: part for part in parts if hasattr(part, "state_dict")}
+        return {part.state_key: part for part in parts if isinstance(part, Stateful)}
+
+    def load_state_dict(self, ckpt: Dict) -> None:
+        """The optimizer and every stateful part from a checkpoint train.py wrote: one generic path."""
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for key, part in self.stateful().items():
+            if ckpt.get(key) is not None:
+                part.load_state_dict(ckpt[key])
 
 
 def set_up_training(cfg, recipe: Recipe, model: nn.Module, graph: Optional[LayerGraph], threat,
@@ -200,11 +216,10 @@ def set_up_training(cfg, recipe: Recipe, model: nn.Module, graph: Optional[Layer
     set_trainable(model, weights=WEIGHTS in trains, scores=SCORES in trains, rates=RATES in trains,
                   norm_layers=WEIGHTS in trains or not cfg.freeze_bn)
     regularizers = {name: REGULARIZERS.get(name)(cfg, model, graph) for name in recipe.regularizers}
-    loop = TRAINERS.get(cfg.trainer)(cfg, threat, device)
-    hook_names = recipe.hooks + tuple(getattr(loop, "hooks", ()))  # the recipe's, then the loop's own (Fast-AT)
+    loop: TrainingLoop = TRAINERS.get(cfg.trainer)(cfg, threat, device)
+    hook_names = recipe.hooks + tuple(loop.hooks)  # the recipe's, then the loop's own (Fast-AT)
     hooks = {name: HOOKS.get(name)(cfg, regularizers) for name in hook_names}
-    if hasattr(loop, "check_model"):
-        loop.check_model(model)  # a loop that needs a kind of model (CROWN-IBP: a Sequential) refuses others here
+    loop.check_model(model)  # a loop that needs a kind of model (CROWN-IBP: a Sequential) refuses others here
     if recipe.freeze_masks:
         freeze_masks(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -220,3 +235,37 @@ def make_optimizer(cfg, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.wd)
     return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+
+
+# ----------------------------------------------------------------------------------------------- the stage builder
+@dataclass
+class Stage:
+    """One stage as a run trains it: the model, the training parts and, for a masked model, its cost model (where
+    its masks stand against the target, `CostModel.budget`)."""
+    model: nn.Module
+    parts: TrainingParts
+    cost_model: Optional[CostModel] = None
+
+
+def build_stage_model(cfg, recipe: Recipe, info, device: torch.device) -> Tuple[nn.Module, Optional[LayerGraph]]:
+    """The stage's model, masked if the recipe says so (then inspected: rates tied under channel granularity)."""
+    model = build_model(cfg, info, device, masked=recipe.masked)
+    return model, inspect_masked(cfg, model, info, device) if recipe.masked else None
+
+
+def build_stage(cfg, info, device: torch.device, threat, *, source: Optional[Source] = None,
+                resume: Optional[Source] = None) -> Stage:
+    """The stage of `cfg` (its exp-mode's recipe as the user's switches leave it), ready to train: the model,
+    started from `source` (the recipe's source checkpoint, `recipe_source`; None: a fresh model) or holding an
+    interrupted run's weights (`resume`), and the training parts, with `resume`'s optimizer and part states.
+    train.py and scripts/benchmark.py build every stage through here."""
+    recipe = effective_recipe(mode_recipe(cfg.exp_mode), cfg)
+    model, graph = build_stage_model(cfg, recipe, info, device)
+    if resume is None:
+        start_from_source(cfg, recipe, model, source)
+    else:
+        fit_checkpoint(model, resume.ckpt, resume.path, keep_pruning_state=True, k=cfg.k)
+    parts = set_up_training(cfg, recipe, model, graph, threat, device)
+    if resume is not None:
+        parts.load_state_dict(resume.ckpt)
+    return Stage(model, parts, CostModel(model, graph, cfg.prune_reg, cfg.k) if graph is not None else None)

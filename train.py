@@ -23,8 +23,8 @@ from configs.recipes import BEST_ONCE_TARGET_MET, RATES, RECIPES, effective_reci
 from configs.schema import config_to_dict
 from pruning.budget import CostModel, describe_budget
 from pruning.wrap import dense_state_dict, freeze_masks, masked_layers, sparsity_report
-from stage import (build_model, fit_checkpoint, inspect_masked, load_checkpoint_into, load_data, option_choices,
-                   set_up_training, start_from_source)
+from stage import (Source, build_stage, build_stage_model, load_checkpoint_into, load_data, option_choices,
+                   recipe_source)
 from strategies import parse_strategy_id
 from strategies.files import keep_rates_from_sparsity, save_strategies, split_file_strategy
 from trainers.evaluation.scoring import accuracies
@@ -37,6 +37,7 @@ from utils.logging import buffer_logging, setup_logging, write_jsonl
 from utils.run_dir import checkpoint_path, finished_with_same_settings, plan_run, run_dir
 from utils.schedules import lr_at_epoch
 from utils.seed import epoch_seed, rng_state, seed_everything
+from utils.tensorboard_log import EpochScalars
 from utils.versions import versions
 
 log = logging.getLogger("train")
@@ -63,6 +64,9 @@ class Run:
         self.start_epoch = 0
         self.threat = threat_from_config(cfg)                                   # training attacks
         self.validation_threat = threat_from_config(cfg, random_start=not cfg.const_init)
+        # each epoch's record mirrored as TensorBoard scalars (rank 0); a missing package fails here, at set-up
+        mirrored = cfg.tensorboard and ctx.is_main and not cfg.evaluate
+        self.scalars = EpochScalars(os.path.join(self.directory, "tensorboard")) if mirrored else None
 
     # -- set-up
     def setup(self, resume_ckpt: Optional[Dict]) -> None:
@@ -74,20 +78,18 @@ class Run:
         log.info("data: %s, %d train / %d %s examples, %d classes", info.name, self.data.num_train,
                  self.data.num_val or self.data.num_test, "validation" if self.data.num_val else "test",
                  cfg.num_classes)
-        self.model = build_model(cfg, info, self.device, masked=self.recipe.masked)
-        graph = inspect_masked(cfg, self.model, info, self.device) if self.recipe.masked else None
-        if graph is not None:  # every masked stage reports where its masks stand against the target
-            self.cost_model = CostModel(self.model, graph, cfg.prune_reg, cfg.k)
         if cfg.evaluate:
+            self.model, _ = build_stage_model(cfg, self.recipe, info, self.device)
             self._load_for_evaluation()
             return
         if resume_ckpt is None:
-            start_from_source(cfg, self.recipe, self.model, self.device)
+            stage = build_stage(cfg, info, self.device, self.threat,
+                                source=recipe_source(cfg, self.recipe, self.device))
         else:
-            self._restore_weights(resume_ckpt)
-        self.parts = set_up_training(cfg, self.recipe, self.model, graph, self.threat, self.device)
-        if resume_ckpt is not None:
-            self._restore_state(resume_ckpt)
+            resume = Source(resume_ckpt, cfg.resume or checkpoint_path(self.directory, "last"))
+            stage = build_stage(cfg, info, self.device, self.threat, resume=resume)
+            self._restore_progress(resume_ckpt)
+        self.model, self.parts, self.cost_model = stage.model, stage.parts, stage.cost_model
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.ctx.enabled and self.device.type == "cuda":
@@ -114,16 +116,9 @@ class Run:
             freeze_masks(self.model)
         log.info("evaluating %s", path)
 
-    def _restore_weights(self, ckpt: Dict) -> None:
-        path = self.cfg.resume or checkpoint_path(self.directory, "last")
-        fit_checkpoint(self.model, ckpt, path, keep_pruning_state=True, k=self.cfg.k)
-
-    def _restore_state(self, ckpt: Dict) -> None:
-        """The optimizer, the loop, regularizers and hooks: one generic path over everything with state."""
-        self.parts.optimizer.load_state_dict(ckpt["optimizer"])
-        for key, part in self.parts.stateful().items():
-            if ckpt.get(key) is not None:
-                part.load_state_dict(ckpt[key])
+    def _restore_progress(self, ckpt: Dict) -> None:
+        """Where the interrupted run stopped: its epoch, best metric and history (stage.build_stage restores the
+        weights, the optimizer and every stateful part)."""
         self.start_epoch = int(ckpt["epoch"])
         self.best = float(ckpt.get("best_prec1", -math.inf))
         self.best_rank = int(ckpt.get("best_rank", 0))
@@ -219,6 +214,8 @@ class Run:
             self.history.append(record)
             if self.ctx.is_main:
                 self.save(epoch + 1, is_best, finished=last)
+            if self.scalars is not None:
+                self.scalars.write(record)
             barrier(self.ctx)
             log.info(_epoch_line(record))
             if "per_layer_keep" in record:
@@ -378,6 +375,8 @@ def main(argv=None) -> int:
             with open(os.path.join(run.directory, "config.yaml"), "w") as fh:
                 yaml.safe_dump(config_to_dict(run.cfg), fh, sort_keys=True)
         run.run_epochs()
+        if run.scalars is not None:
+            run.scalars.close()
         run.warn_if_at_chance()
         run.check_target_reached()
         if writes and RATES in run.recipe.trains:

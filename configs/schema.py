@@ -166,6 +166,8 @@ class Config:
     bf16: bool = opt(False, "bf16 autocast for training steps (evaluation stays fp32)", "runtime", scope="train")
     channels_last: bool = opt(False, "channels_last memory format for training", "runtime", scope="train")
     compile: bool = opt(False, "torch.compile the model for training", "runtime", scope="train")
+    tensorboard: bool = opt(False, "also write each epoch's metrics as TensorBoard scalars to <run>/tensorboard "
+                            "(needs the tensorboard package)", "runtime", scope="train")
     # --- evaluation (test.py)
     attacks: str = opt("all", "comma-separated attacks (or 'all')", "evaluation", scope="test")
     attack_preset: str = opt("standard", "standard: official AutoAttack settings; original: the HARP paper's torchattacks defaults; "

@@ -1,5 +1,5 @@
-"""Physically smaller exports of pruned models: a compact dense network (channel pruning) and a sparse file
-(weight pruning).
+"""Physically smaller exports of pruned models: a compact dense network (channel pruning; `save_compact` writes it
+as a torch.export program) and a sparse file (weight pruning).
 
 Channel granularity (`compact_model`): a masked layer's channel mask zeroes whole input channels (the
 [:, c] slice of its weight). A channel of an intermediate tensor can be deleted from the network when no
@@ -95,18 +95,26 @@ def compact_model(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
     return compact
 
 
-def save_compact(model: nn.Module, example_input: torch.Tensor, path: str) -> None:
-    """Write a compact (plain) model as TorchScript: `torch.jit.load(path)` runs it without this toolkit.
+def save_compact(model: nn.Module, example_input: torch.Tensor, path: str, *, torchscript: bool = False) -> None:
+    """Write a compact (plain) model that runs without this toolkit, atomically.
 
-    The model is traced in eval mode on `example_input`; the file is written atomically.
+    By default as a torch.export program (`.pt2`: `torch.export.load(path).module()(x)`), exported in eval mode with
+    a dynamic batch dimension (from two copies of `example_input`'s first example, since torch.export fixes a
+    dimension of size 1). With `torchscript`, as TorchScript traced on `example_input` (`torch.jit.load(path)`), the
+    format torch deprecates: it is written only when asked for.
     """
     still_masked = masked_layers(model)
     if still_masked:
         raise UserError(f"save_compact needs a plain model, but {still_masked[0][0]} is masked "
                         "(call pruning.compact.compact_model first)")
     with _evaluating(model), torch.no_grad():
-        scripted = torch.jit.trace(model, example_input)
-    atomic_write(path, lambda fh: torch.jit.save(scripted, fh), binary=True)
+        if torchscript:
+            program = torch.jit.trace(model, example_input)
+            atomic_write(path, lambda fh: torch.jit.save(program, fh), binary=True)
+            return
+        batch = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()
+        program = torch.export.export(model, (batch,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    atomic_write(path, lambda fh: torch.export.save(program, fh), binary=True)
 
 
 # ---------------------------------------------------------------------------------------------- tracing

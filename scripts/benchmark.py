@@ -5,9 +5,10 @@
 
 Every configuration runs the code users run: one step is the stage's training loop (trainers.training) over a
 single batch (objective, regularizers, zero_grad, backward, optimizer step), PGD-AT under
-ThreatModel(eps=0.031, step_size=0.0078, steps=10) or natural training; models are built by stage.py exactly as
-train.py builds each stage (build_model, init_pruning_state, set_up_training with the recipe's trainable
-parameters, hardware loss and frozen masks; pruning.wrap.dense_state_dict for the export).
+ThreatModel(eps=0.031, step_size=0.0078, steps=10) or natural training; every stage is built by the stage builder
+train.py builds it with (stage.build_stage: the recipe's masks, start rates, trainable parameters, hardware loss
+and frozen masks), each started from the model of the stage before it held in memory; pruning.wrap.dense_state_dict
+for the export.
 
 Configurations (the same random batch for all of them):
   plain_train          plain nn layers, everything trainable, natural objective       (pretrain, no attack)
@@ -57,16 +58,14 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from configs.recipes import RECIPES  # noqa: E402
 from configs.schema import Config  # noqa: E402
 from data.info import dataset_info, dataset_names  # noqa: E402
 from models import list_models  # noqa: E402
 from pruning.compact import compact_model, count_macs  # noqa: E402
 from pruning.graph import inspect_layers  # noqa: E402
-from pruning.loading import load_weights  # noqa: E402
 from pruning.trainable import set_trainable  # noqa: E402
-from pruning.wrap import RATE_KEY, SCORE_KEY, dense_state_dict, freeze_masks  # noqa: E402
-from stage import build_model, init_pruning_state, inspect_masked, make_optimizer, set_up_training  # noqa: E402
+from pruning.wrap import RATE_KEY, SCORE_KEY, dense_state_dict  # noqa: E402
+from stage import Source, build_model, build_stage, make_optimizer  # noqa: E402
 from trainers.threat import ThreatModel  # noqa: E402
 from trainers.training import TRAINERS  # noqa: E402
 
@@ -153,25 +152,22 @@ def build(arch: str, dataset: str, batch_size: int, device: torch.device, *, bf1
                   gamma=GAMMA, lr=LR, momentum=MOMENTUM, wd=WD, seed=seed, epsilon=THREAT.eps,
                   step_size=THREAT.step_size, num_steps=THREAT.steps)
     configs = {mode: Config(exp_mode=mode, **common, **RECIPE_SWITCHES[mode]) for mode in RECIPE_SWITCHES}
-    plain = build_model(configs["pretrain"], info, device, masked=False)
+    pretrain = build_stage(configs["pretrain"], info, device, THREAT)
+    plain = pretrain.model
     frozen_w = copy.deepcopy(plain)     # plain layers, weights frozen: R2's denominator
+    set_trainable(frozen_w, weights=False, scores=False, rates=False, norm_layers=True)
     example = torch.zeros(1, *shape, device=device)
     forward_flops = sum(layer.flops for layer in inspect_layers(plain, example).layers.values())
-    pretrain = set_up_training(configs["pretrain"], RECIPES["pretrain"], plain, None, THREAT, device)
     natural_loop = TRAINERS.get("base")(replace(configs["pretrain"], adv_loss="nat"), THREAT, device)
-    # harp_prune, as train.py sets it up (the pretrained weights, masked; magnitude scores, 010_uni rates, hw loss)
-    masked = build_model(configs["harp_prune"], info, device, masked=True)
-    load_weights(masked, plain.state_dict(), "the plain model", keep_pruning_state=False)
-    prune_graph = inspect_masked(configs["harp_prune"], masked, info, device)
-    init_pruning_state(configs["harp_prune"], RECIPES["harp_prune"], masked)
-    prune = set_up_training(configs["harp_prune"], RECIPES["harp_prune"], masked, prune_graph, THREAT, device)
-    for hook in prune.hooks.values():
+    # harp_prune from the plain model's weights (masked; magnitude scores, 010_uni rates, hw loss)
+    prune = build_stage(configs["harp_prune"], info, device, THREAT, source=Source.of_model(plain, "the plain model"))
+    masked = prune.model
+    for hook in prune.parts.hooks.values():
         hook.before_epoch(0)            # gamma of the first epoch: gamma0
-    set_trainable(frozen_w, weights=False, scores=False, rates=False, norm_layers=True)
-    # finetune (train.py's order): the same masks, weights trainable, masks frozen (pruned weights zeroed once)
-    finetune = copy.deepcopy(masked)
-    finetune_parts = set_up_training(configs["harp_finetune"], RECIPES["harp_finetune"], finetune, None, THREAT,
-                                     device)
+    # finetune from the pruned model: the same masks, weights trainable, masks frozen (pruned weights zeroed once)
+    finetune_stage = build_stage(configs["harp_finetune"], info, device, THREAT,
+                                 source=Source.of_model(masked, "the pruned model"))
+    finetune, finetune_parts = finetune_stage.model, finetune_stage.parts
 
     for model in (plain, frozen_w, masked, finetune):
         model.to(memory_format=memory_format)
@@ -187,14 +183,15 @@ def build(arch: str, dataset: str, batch_size: int, device: torch.device, *, bf1
     masked_t, masked_a = wrapped(masked)
     finetune_t, finetune_a = wrapped(finetune)
     train_steps = {
-        "plain_train": _train_step(natural_loop, plain_t, pretrain.optimizer, batch, device, attack_model=plain_a,
-                                   **flags),
-        "pgd10_at": _train_step(pretrain.loop, plain_t, pretrain.optimizer, batch, device, attack_model=plain_a,
-                                **flags),
-        "pgd10_plain_frozen_w": _train_step(pretrain.loop, frozen_t, frozen_optimizer, batch, device,
+        "plain_train": _train_step(natural_loop, plain_t, pretrain.parts.optimizer, batch, device,
+                                   attack_model=plain_a, **flags),
+        "pgd10_at": _train_step(pretrain.parts.loop, plain_t, pretrain.parts.optimizer, batch, device,
+                                attack_model=plain_a, **flags),
+        "pgd10_plain_frozen_w": _train_step(pretrain.parts.loop, frozen_t, frozen_optimizer, batch, device,
                                             attack_model=frozen_a, **flags),
-        "pgd10_harp_prune": _train_step(prune.loop, masked_t, prune.optimizer, batch, device, attack_model=masked_a,
-                                        regularizers=prune.regularizers.values(), **flags),
+        "pgd10_harp_prune": _train_step(prune.parts.loop, masked_t, prune.parts.optimizer, batch, device,
+                                        attack_model=masked_a, regularizers=prune.parts.regularizers.values(),
+                                        **flags),
         "finetune_train": _train_step(finetune_parts.loop, finetune_t, finetune_parts.optimizer, batch, device,
                                       attack_model=finetune_a, **flags),
     }
@@ -217,15 +214,10 @@ def export_models(built: Dict, arch: str, device: torch.device):
 def compact_models(built: Dict, device: torch.device):
     """The plain model channel-pruned at COMPACT_K as lwm_finetune sets it up (magnitude scores, uniform rates tied
     across residual shortcuts, frozen masks) and its compact export, both in eval mode."""
-    info = built["info"]
     cfg = replace(built["configs"]["harp_finetune"], exp_mode="lwm_finetune", prune_reg="channel", k=COMPACT_K,
                   scaled_score_init=True, rate_stg_init=False)
-    masked = build_model(cfg, info, device, masked=True)
-    load_weights(masked, built["plain"].state_dict(), "the plain model", keep_pruning_state=False)
-    inspect_masked(cfg, masked, info, device)
-    init_pruning_state(cfg, RECIPES["lwm_finetune"], masked)
-    freeze_masks(masked)
-    masked.eval()
+    masked = build_stage(cfg, built["info"], device, THREAT,
+                         source=Source.of_model(built["plain"], "the plain model")).model.eval()
     example = torch.zeros(1, *built["shape"], device=device)
     return masked, compact_model(masked, example).to(memory_format=built["memory_format"])
 

@@ -8,8 +8,10 @@ The run is named by the flags that name it for test.py (or --source-net PATH, --
 rebuilt from the config its checkpoint stores (stage.build_model, stage.fit_checkpoint) with the masks frozen.
 
 - Channel granularity: pruning.compact.compact_model removes the pruned channels (through BatchNorm, residual
-  additions and the classifier) and the plain model is saved as TorchScript (<run>/export/<checkpoint>_compact.pt),
-  which `torch.jit.load` runs without this toolkit. Reported: MACs and parameters before and after, the largest
+  additions and the classifier) and the plain model is saved as a torch.export program with a dynamic batch size
+  (<run>/export/<checkpoint>_compact.pt2), which `torch.export.load(path).module()` runs without this toolkit; with
+  --torchscript as TorchScript instead (<run>/export/<checkpoint>_compact.pt, `torch.jit.load`; torch deprecates
+  it and warns). Reported: MACs and parameters before and after, the largest
   logit difference of the reloaded file against the masked model (fp32, eval mode, random inputs), and with
   --speed-batch N the CPU forward time of the dense network against the compact one at batch N.
 - Weight granularity: pruning.compact.save_sparse_checkpoint stores the masked weights with their zeros implicit
@@ -81,20 +83,22 @@ def _max_abs_diff(expected: nn.Module, actual, x: torch.Tensor) -> float:
         return float((expected(x) - actual(x)).abs().max())
 
 
-def export_compact(model: nn.Module, cfg: Config, path: str, speed_batch: int = 0) -> Dict:
-    """Compact a channel-pruned model, save it as TorchScript at `path`, and report what it saves."""
+def export_compact(model: nn.Module, cfg: Config, path: str, speed_batch: int = 0, torchscript: bool = False) -> Dict:
+    """Compact a channel-pruned model, save it at `path` (a torch.export program, or TorchScript with
+    `torchscript`), and report what it saves; the logits are those of the file as loaded back."""
     device = next(model.parameters()).device
     example = example_input(dataset_info(cfg.dataset, cfg.image_dim), device)
     compact = compact_model(model, example)
-    save_compact(compact, example, path)
-    scripted = torch.jit.load(path, map_location=device)
+    save_compact(compact, example, path, torchscript=torchscript)
+    loaded = torch.jit.load(path, map_location=device) if torchscript else torch.export.load(path).module()
     x = _inputs(cfg, CHECK_BATCH, device)
     macs, compact_macs = count_macs(model, example), count_macs(compact, example)
     weights = sum(p.numel() for name, p in model.named_parameters() if not name.endswith((SCORE_KEY, RATE_KEY)))
-    report = {"kind": "compact", "file": path, "bytes": os.path.getsize(path), "macs": macs,
-              "compact_macs": compact_macs, "mac_ratio": macs / compact_macs, "params": weights,
+    report = {"kind": "compact", "format": "torchscript" if torchscript else "torch.export", "file": path,
+              "bytes": os.path.getsize(path), "macs": macs, "compact_macs": compact_macs,
+              "mac_ratio": macs / compact_macs, "params": weights,
               "compact_params": sum(p.numel() for p in compact.parameters()),
-              "max_abs_diff": _max_abs_diff(model, scripted, x)}
+              "max_abs_diff": _max_abs_diff(model, loaded, x)}
     if speed_batch:
         from scripts.benchmark import compact_speedup  # timing protocol shared with the benchmark
 
@@ -122,25 +126,29 @@ def export_sparse(model: nn.Module, cfg: Config, path: str) -> Dict:
             "bytes_ratio": os.path.getsize(path) / buffer.tell(), "max_abs_diff": _max_abs_diff(model, plain.eval(), x)}
 
 
-def default_output(checkpoint: str, granularity: str) -> str:
-    """<run>/export/<checkpoint stem>_compact.pt (channel) or _sparse.pth (weight), beside the run's eval/."""
+def default_output(checkpoint: str, granularity: str, torchscript: bool = False) -> str:
+    """<run>/export/<checkpoint stem>_compact.pt2 (channel; _compact.pt as TorchScript) or _sparse.pth (weight),
+    beside the run's eval/."""
     folder = os.path.join(os.path.dirname(eval_dir_for(checkpoint)), "export")
-    suffix = "_sparse.pth" if granularity == WEIGHT else "_compact.pt"
+    suffix = "_sparse.pth" if granularity == WEIGHT else "_compact.pt" if torchscript else "_compact.pt2"
     return os.path.join(folder, checkpoint_stem(checkpoint) + suffix)
 
 
-def export_checkpoint(path: str, output: Optional[str] = None, speed_batch: int = 0) -> Dict:
-    """Export one checkpoint (compact TorchScript or sparse file, by its granularity); returns the report, also
-    written to <export>.json."""
+def export_checkpoint(path: str, output: Optional[str] = None, speed_batch: int = 0,
+                      torchscript: bool = False) -> Dict:
+    """Export one checkpoint (a compact program, torch.export or with `torchscript` TorchScript, or a sparse file,
+    by its granularity); returns the report, also written to <export>.json."""
     model, cfg = load_trained_model(path)
     layers = masked_layers(model)
     if not layers:
         raise UserError(f"{path} holds a dense model ({cfg.exp_mode}): there is nothing pruned to export")
     granularity = layers[0][1].granularity
-    output = output or default_output(path, granularity)
+    output = output or default_output(path, granularity, torchscript)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    report = export_sparse(model, cfg, output) if granularity == WEIGHT else export_compact(model, cfg, output,
-                                                                                           speed_batch)
+    if granularity == WEIGHT:
+        report = export_sparse(model, cfg, output)
+    else:
+        report = export_compact(model, cfg, output, speed_batch, torchscript)
     report.update(checkpoint=path, arch=cfg.arch, dataset=cfg.dataset, exp_mode=cfg.exp_mode, k=cfg.k,
                   prune_reg=granularity)
     atomic_write(output + ".json", lambda fh: fh.write(json.dumps(report, indent=1, sort_keys=True) + "\n"))
@@ -152,7 +160,8 @@ def summary(report: Dict) -> str:
         return (f"sparse checkpoint {report['file']}: {report['bytes']:,} bytes, {100 * report['bytes_ratio']:.2f}% "
                 f"of a dense state dict's {report['dense_bytes']:,}; max abs logit difference "
                 f"{report['max_abs_diff']:.2g}")
-    text = (f"compact TorchScript {report['file']}: {report['macs']:,} -> {report['compact_macs']:,} MACs per "
+    kind = "TorchScript" if report["format"] == "torchscript" else "torch.export program"
+    text = (f"compact {kind} {report['file']}: {report['macs']:,} -> {report['compact_macs']:,} MACs per "
             f"example ({report['mac_ratio']:.2f}x fewer), {report['params']:,} -> {report['compact_params']:,} "
             f"parameters; max abs logit difference {report['max_abs_diff']:.2g}")
     if "speedup" in report:
@@ -167,8 +176,11 @@ def parse(argv: Optional[Sequence[str]]):
                                      epilog="Every other flag names the run as for test.py (--arch, --dataset, "
                                             "--exp-mode, --k, --prune-reg, --stg-id, --result-dir, --source-net, "
                                             "--checkpoint).")
-    parser.add_argument("-o", "--output", help="export file (default: <run>/export/<checkpoint>_compact.pt or "
-                        "_sparse.pth)")
+    parser.add_argument("-o", "--output", help="export file (default: <run>/export/<checkpoint>_compact.pt2, "
+                        "_compact.pt with --torchscript, or _sparse.pth)")
+    parser.add_argument("--torchscript", action="store_true",
+                        help="channel pruning: save TorchScript (torch.jit.load; deprecated by torch) instead of a "
+                        "torch.export program (torch.export.load)")
     parser.add_argument("--speed-batch", type=int, default=0, metavar="N",
                         help="channel pruning: also time the CPU forward, dense against compact, at batch N")
     args, rest = parser.parse_known_args(argv)
@@ -178,7 +190,7 @@ def parse(argv: Optional[Sequence[str]]):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args, cfg = parse(argv)
-        report = export_checkpoint(evaluated_checkpoint(cfg), args.output, args.speed_batch)
+        report = export_checkpoint(evaluated_checkpoint(cfg), args.output, args.speed_batch, args.torchscript)
     except UserError as err:
         print(f"export.py: error: {err}", file=sys.stderr)
         return 2

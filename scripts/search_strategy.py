@@ -17,7 +17,7 @@ with the attack's random start seeded by --seed for every strategy alike (--seed
 masked model is reused: a strategy only resets the layers' rate logits, and the split is scored in
 --test-batch-size batches on the device.
 
-The search (pruning.strategy_search) keeps sum_l c_l k_l <= budget * sum_l c_l with c_l a layer's weights
+The search (strategies.search) keeps sum_l c_l k_l <= budget * sum_l c_l with c_l a layer's weights
 (--cost params) or FLOPs (--cost flops), budget = --budget (default --k), and every k_l within --bounds (Heracles:
 0.01-0.8 for weights; 0.1-1 for channels). --method ddpg is Heracles' AMC-style agent; random and evolution are
 cheaper baselines (evolution by default: at a tight budget the DDPG agent's sequential action wall starves the
@@ -48,10 +48,11 @@ import torch.nn as nn  # noqa: E402
 
 from configs.cli import build_parser, resolve_config  # noqa: E402
 from configs.errors import UserError  # noqa: E402
-from pruning.allocation import allocate_keep_rates  # noqa: E402
+from strategies import RULES  # noqa: E402
+from strategies.allocation import allocate_keep_rates  # noqa: E402
 from pruning.graph import inspect_layers  # noqa: E402
 from pruning.init import init_scores_from_weights, set_keep_rates, tie_rates  # noqa: E402
-from pruning.strategy_search import (COSTS, METHODS, DDPGConfig, EvolutionConfig, SearchLayer,  # noqa: E402
+from strategies.search import (COSTS, METHODS, DDPGConfig, EvolutionConfig, SearchLayer,  # noqa: E402
                                      describe_layers, search_strategy)
 from pruning.wrap import masked_layers, sparsify  # noqa: E402
 from stage import build_model, example_input, load_checkpoint_into, load_data, option_choices  # noqa: E402
@@ -70,7 +71,8 @@ PROG = "search_strategy.py"
 CONFIG_MODE = "score_prune"
 DEFAULT_REWARD_SPLIT = 0.1  # Heracles: 5,000 of CIFAR-10's 50,000 training images
 DEFAULT_BOUNDS = {"weight": (0.01, 0.8), "channel": (0.1, 1.0)}  # Heracles' action bounds
-REFERENCE_RULES = ("uni", "erk", "lamp")  # allocations at the budget scored next to the search (pruning.allocation)
+# Allocations at the budget scored next to the search (strategies.allocation): every rule but the dense start.
+REFERENCE_RULES = tuple(rule for rule in RULES if rule != "original")
 Reward = Callable[[Dict[str, float]], Dict[str, float]]
 
 

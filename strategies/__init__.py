@@ -1,4 +1,4 @@
-"""Layer 0: initial per-layer keep-rate strategies (``--stg_id``).
+"""Per-layer keep-rate strategies (``--stg_id``): the id grammar and the shipped lists.
 
 A strategy id is ``<digits>_<rule>`` or the bare word ``original``:
 
@@ -12,7 +12,9 @@ A strategy id is ``<digits>_<rule>`` or the bare word ``original``:
 The original HARP per-layer lists that cannot be recomputed from the model's shapes alone live in
 ``strategies/shipped/<arch>.yaml``, keyed by granularity, then id, then module qualified name. Every
 other id (``uni``, ``original`` and any density of ``erk``/``lamp``) is computed from the model by
-``pruning.allocation.allocate_keep_rates``; the entry point decides which source to use.
+``strategies.allocation.allocate_keep_rates``; ``strategies.start.start_rates`` picks the source for a stage.
+The package owns every per-layer rate source: these lists, the rules (``allocation.py``), strategy files with
+Heracles' layer-order tables (``files.py``, ``heracles.py``) and the search (``search.py``).
 
 Imports only the standard library, ``yaml`` and ``configs.errors``.
 """

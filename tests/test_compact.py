@@ -245,7 +245,14 @@ def test_models_it_cannot_compact_raise_one_line_user_errors():
         compact_model(weight_pruned, x)
 
 
-def test_torchscript_file_runs_without_the_toolkit(tmp_path, one_thread):
+# (save_compact's switch, file name, how a plain torch loads it): torch.export by default, TorchScript when asked
+FORMATS = {"torch.export": (False, "model_compact.pt2", "torch.export.load(sys.argv[1]).module()"),
+           "torchscript": (True, "model_compact.pt", "torch.jit.load(sys.argv[1])")}
+
+
+@pytest.mark.parametrize("file_format", FORMATS)
+def test_compact_file_runs_without_the_toolkit(tmp_path, one_thread, file_format):
+    torchscript, name, load = FORMATS[file_format]
     torch.manual_seed(5)
     model = create_model("small_cnn", num_classes=10)
     _randomize_batch_norms(model)
@@ -255,12 +262,12 @@ def test_torchscript_file_runs_without_the_toolkit(tmp_path, one_thread):
     with pytest.raises(UserError, match="compact_model first"):
         save_compact(model, x[:1], str(tmp_path / "masked.pt"))
 
-    path = tmp_path / "out" / "model_compact.pt"
-    save_compact(compact, x[:1], str(path))
+    path = tmp_path / "out" / name
+    save_compact(compact, x[:1], str(path), torchscript=torchscript)
     torch.save({"x": x, "logits": model(x).detach()}, tmp_path / "io.pt")
 
     # -I: isolated interpreter (no project directory on sys.path, no PYTHON* variables), run elsewhere
-    script = ("import sys, torch; io = torch.load('io.pt'); m = torch.jit.load(sys.argv[1]); "
+    script = (f"import sys, torch; io = torch.load('io.pt'); m = {load}; "
               "print(float((m(io['x']) - io['logits']).abs().max()))")
     done = subprocess.run([sys.executable, "-I", "-c", script, str(path)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)

@@ -1,8 +1,9 @@
-"""scripts/export.py: a run's checkpoint, rebuilt from the config stored in it, exported as a compact TorchScript
-model (channel pruning: same logits, fewer MACs, loadable without the toolkit) or a sparse file (weight pruning:
+"""scripts/export.py: a run's checkpoint, rebuilt from the config stored in it, exported as a compact torch.export
+program or, when asked, TorchScript (channel pruning: same logits, fewer MACs, loadable without the toolkit) or a sparse file (weight pruning:
 at 99 % pruning a few percent of a dense state dict's bytes); and scripts/benchmark.py's compact entry."""
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def channel_checkpoint(tmp_path, arch, k=0.5):
 @pytest.mark.parametrize("arch", ["vgg16_bn", "resnet18"])
 def test_channel_pruned_checkpoints_export_to_smaller_torchscript_with_the_same_logits(tmp_path, arch):
     path, masked = channel_checkpoint(tmp_path, arch)
-    report = export.export_checkpoint(path)
+    report = export.export_checkpoint(path, torchscript=True)
     assert report["file"] == str(tmp_path / arch / "export" / "model_best_compact.pt")
     loaded = torch.jit.load(report["file"])  # TorchScript: no toolkit class involved
     x = torch.rand(4, 3, 32, 32)
@@ -66,6 +67,26 @@ def test_channel_pruned_checkpoints_export_to_smaller_torchscript_with_the_same_
         assert json.load(fh)["mac_ratio"] == pytest.approx(report["macs"] / report["compact_macs"])
 
 
+@pytest.mark.parametrize("arch", ["vgg16_bn", "resnet18"])
+def test_channel_pruned_checkpoints_export_to_a_torch_export_program_with_the_same_logits(tmp_path, arch):
+    """The default format: torch.export (.pt2), loadable with torch.export.load, any batch size, the masked model's
+    logits, and no FutureWarning on the way (TorchScript's deprecation warnings are only for --torchscript)."""
+    path, masked = channel_checkpoint(tmp_path, arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        report = export.export_checkpoint(path)
+    assert report["file"] == str(tmp_path / arch / "export" / "model_best_compact.pt2")
+    assert report["format"] == "torch.export" and report["max_abs_diff"] < 1e-5
+    program = torch.export.load(report["file"]).module()
+    for batch in (1, 5):
+        x = torch.rand(batch, 3, 32, 32)
+        with torch.no_grad():
+            expected = masked(x)
+            gap = float((program(x) - expected).abs().max())
+        assert gap < 1e-5 and float(expected.abs().max()) > 0.01
+    assert report["compact_macs"] < 0.6 * report["macs"] and report["compact_params"] < report["params"]
+
+
 def test_a_trained_run_exports_by_its_flags(tmp_path, capsys):
     """The real chain on digits: pretrain, then LWM at channel k 0.5 and at weight k 0.01, each exported by the flags
     that name the run (as test.py takes them)."""
@@ -78,12 +99,17 @@ def test_a_trained_run_exports_by_its_flags(tmp_path, capsys):
     capsys.readouterr()
     names = ["--dataset", "digits", "--result-dir", str(tmp_path)]
 
-    assert export.main(names + channel + ["--speed-batch", "4"]) == 0
+    assert export.main(names + channel + ["--speed-batch", "4", "--torchscript"]) == 0
     assert "compact TorchScript" in capsys.readouterr().out
     compact = tmp_path / "small_cnn" / "digits" / "pgd" / "digits_channel_010_uni_0.5" / "lwm_finetune" / "export"
     report = json.loads((compact / "model_best_compact.pt.json").read_text())
     assert report["speedup"] > 0 and report["max_abs_diff"] < 1e-5 and report["speed_batch"] == 4
     assert report["arch"] == "small_cnn" and report["prune_reg"] == "channel" and report["k"] == 0.5
+    assert export.main(names + channel) == 0  # by default a torch.export program
+    assert "compact torch.export program" in capsys.readouterr().out
+    report = json.loads((compact / "model_best_compact.pt2.json").read_text())
+    assert report["format"] == "torch.export" and report["max_abs_diff"] < 1e-5
+    assert (compact / "model_best_compact.pt2").is_file()
 
     assert export.main(names + weight) == 0
     assert "sparse checkpoint" in capsys.readouterr().out

@@ -21,7 +21,7 @@ import torch.nn as nn
 import train
 from tests.conftest import load_entry_point
 from tests.fakedata import write_imagenet_folder
-from trainers.engine import FreePerturbation, train_one_epoch_free
+from trainers.free_at import FreePerturbation, train_one_epoch_free
 from utils.checkpoint import load_checkpoint, save_atomic
 
 EPS = 0.05

@@ -5,21 +5,22 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("configs", "strategies", "utils", "data", "models", "pruning", "trainers")
+PACKAGES = ("configs", "utils", "data", "models", "pruning", "strategies", "trainers")
 # Layer 5: the entry points and the stage set-up they share. They may import every package; an entry point never
 # imports another one (test.py must not import train.py), and no package imports any of them.
 ENTRY_POINTS = ("train", "test")
 COMPOSITION = ("stage",)
 
-# package -> project packages it may import (its own included). Strategies is data with a small loader
-# (L0 beside configs); pruning works on any nn.Module, so it knows neither models, data nor strategies.
+# package -> project packages it may import (its own included). Pruning works on any nn.Module, so it knows neither
+# models, data nor strategies. Strategies owns every per-layer rate source, the search included, which measures
+# layers with pruning's cost model: it sits above pruning beside trainers (L4), and neither imports the other.
 ALLOWED = {
     "configs": {"configs"},
-    "strategies": {"strategies", "configs"},
     "utils": {"utils", "configs"},
     "data": {"data", "utils", "configs"},
     "models": {"models", "utils", "configs"},
     "pruning": {"pruning", "utils", "configs"},
+    "strategies": {"strategies", "pruning", "utils", "configs"},
     "trainers": {"trainers", "pruning", "utils", "configs"},
 }
 

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from configs.errors import UserError
-from pruning.allocation import allocate_keep_rates
+from strategies.allocation import allocate_keep_rates
 from strategies import RULES, parse_strategy_id, shipped_ids, shipped_strategy
+from strategies.files import save_strategies
+from strategies.start import start_rates
 
 # ---------------------------------------------------------------------------------------------------
 # Architectures (the AP benchmark's base models), prunable layers in module registration order.
@@ -361,7 +363,7 @@ def test_lamp_rejects_non_finite_weights():
 
 
 def test_layering_imports():
-    """strategies/ imports only stdlib, yaml and configs.errors; pruning/allocation.py no models/strategies."""
+    """strategies/ imports only stdlib, yaml and configs.errors; strategies/allocation.py no models/strategies."""
     import ast
     import pathlib
 
@@ -380,5 +382,35 @@ def test_layering_imports():
     for mod in imported(root / "strategies" / "__init__.py"):
         if mod.split(".")[0] in project:
             assert mod == "configs.errors", mod
-    for mod in imported(root / "pruning" / "allocation.py"):
+    for mod in imported(root / "strategies" / "allocation.py"):
         assert mod.split(".")[0] not in {"models", "data", "trainers", "strategies"}, mod
+
+
+def test_every_rule_of_the_grammar_allocates():
+    weights = {name: torch.randn(shape, generator=torch.Generator().manual_seed(1)) for name, shape in SMALL.items()}
+    for rule in RULES:
+        rates = allocate_keep_rates(rule, 0.2, weights)
+        assert list(rates) == list(SMALL) and all(0.0 < r <= 1.0 for r in rates.values())
+
+
+def test_start_rates_come_from_a_file_a_shipped_list_or_a_rule(tmp_path):
+    """strategies.start.start_rates, the stage's one question: FILE:ID reads the file, an id with a shipped list
+    for the arch gives that list, any other id is computed by its rule from the layers' weights."""
+    weights = {name: torch.randn(shape, generator=torch.Generator().manual_seed(2)) for name, shape in SMALL.items()}
+    computed = start_rates("020_lamp", arch="small", granularity="weight", weights=weights)
+    assert computed == allocate_keep_rates("lamp", 0.2, weights)
+
+    zeros = _zero_weights(RESNET18)
+    shipped = start_rates("010_lamp", arch="resnet18", granularity="weight", weights=zeros)
+    assert shipped == shipped_strategy("resnet18", "weight", "010_lamp") and set(shipped) == set(RESNET18)
+    assert shipped != allocate_keep_rates("erk", 0.1, zeros)
+
+    mine = {name: 0.1 + 0.1 * i for i, name in enumerate(SMALL)}
+    path = save_strategies(tmp_path / "mine.yaml", {"found": mine}, arch="small", granularity="weight",
+                           layer_names=list(SMALL))
+    assert start_rates(f"{path}:found", arch="small", granularity="weight", weights=weights) == pytest.approx(mine)
+
+    with pytest.raises(UserError, match="invalid strategy id"):
+        start_rates("10_uni", arch="small", granularity="weight", weights=weights)
+    with pytest.raises(UserError):
+        start_rates(f"{path}:missing", arch="small", granularity="weight", weights=weights)

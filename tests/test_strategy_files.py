@@ -14,7 +14,7 @@ import yaml
 
 import models
 from configs.errors import UserError
-from pruning.allocation import allocate_keep_rates
+from strategies.allocation import allocate_keep_rates
 from pruning.graph import inspect_layers
 from pruning.wrap import prunable_layers
 from strategies import shipped_strategy

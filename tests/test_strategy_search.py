@@ -1,4 +1,4 @@
-"""Keep-ratio search under a budget (pruning.strategy_search): bounds, budget, projection, the three methods
+"""Keep-ratio search under a budget (strategies.search): bounds, budget, projection, the three methods
 on a synthetic reward with a known optimum, reproducibility, and the layer description of a real model."""
 import csv
 
@@ -9,7 +9,7 @@ import torch
 import models
 from configs.errors import UserError
 from pruning.graph import inspect_layers
-from pruning.strategy_search import DDPGConfig, EvolutionConfig, SearchLayer, describe_layers, project_to_budget, \
+from strategies.search import DDPGConfig, EvolutionConfig, SearchLayer, describe_layers, project_to_budget, \
     search_strategy
 
 SIZES = (100, 2000, 5000, 8000, 3000, 500)  # weights per layer, 18,600 in total

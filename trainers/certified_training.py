@@ -25,6 +25,7 @@ from configs.errors import UserError
 from trainers.bounds import IBP, bound_steps, crown_ibp_loss, crown_ibp_schedule
 from trainers.engine import ObjectiveLoop, train_one_epoch
 from trainers.objectives import Objective, ObjectiveSettings
+from trainers.protocols import TrainingLoop
 from trainers.smoothing import gaussian_augmentation_loss, smooth_loss
 from trainers.threat import LINF, ThreatModel
 
@@ -87,7 +88,7 @@ class _RampedCrownIBP:
                               clip_max=threat.clip_max)
 
 
-class CrownIBPLoop:
+class CrownIBPLoop(TrainingLoop):
     """--trainer crown-ibp: one step per batch on the CROWN-IBP loss with Hydra's linear eps ramp.
 
     Its training accuracy is the verified accuracy of the training batches at the step's eps (the argmax of

@@ -25,7 +25,8 @@ CHECKPOINT_STEMS = {"best": "model_best", "last": "checkpoint", "best_dense": "m
 _CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar", ".ckpt")
 # Options that do not change what a run computes: a rerun may differ in these and still resume.
 RUNTIME_OPTIONS = {"configs", "data_dir", "download", "workers", "device", "gpu", "no_cuda", "print_freq",
-                   "no_progress", "resume", "overwrite", "skip_finished", "source_net", "evaluate", "compile"}
+                   "no_progress", "resume", "overwrite", "skip_finished", "source_net", "evaluate", "compile",
+                   "tensorboard"}
 
 
 def objective_component(cfg) -> str:

@@ -1,6 +1,8 @@
 """Per-layer keep rates for a global density: uniform, ERK and LAMP allocation.
 
-``allocate_keep_rates(rule, density, weights)`` turns a global keep ratio into one keep rate per layer.
+``allocate_keep_rates(rule, density, weights)`` turns a global keep ratio into one keep rate per layer, by one of
+the rules ``strategies.RULES`` names (the id grammar's; this module implements them and imports nothing of the
+toolkit).
 It knows no architecture: it sees only ``{layer name: weight tensor}``, so it serves any model. The
 result initialises HARP's per-layer rates (``--stg_id``, e.g. ``005_erk``); the rules are
 
@@ -22,9 +24,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["allocate_keep_rates", "ALLOCATION_RULES"]
-
-ALLOCATION_RULES = ("uni", "erk", "lamp", "original")
+__all__ = ["allocate_keep_rates"]
 
 
 def allocate_keep_rates(rule: str, density: float, weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -34,8 +34,6 @@ def allocate_keep_rates(rule: str, density: float, weights: Mapping[str, torch.T
     shapes (expanded or meta tensors are fine); ``lamp`` reads the values. Raises ``ValueError`` for an
     unknown rule, a density outside (0, 1], no layers, an empty weight or non-finite LAMP weights.
     """
-    if rule not in ALLOCATION_RULES:
-        raise ValueError(f"unknown allocation rule {rule!r}; expected one of {', '.join(ALLOCATION_RULES)}")
     density = float(density)
     if not (math.isfinite(density) and 0.0 < density <= 1.0):
         raise ValueError(f"density must be in (0, 1], got {density}")
@@ -50,7 +48,9 @@ def allocate_keep_rates(rule: str, density: float, weights: Mapping[str, torch.T
         return {name: density for name in weights}
     if rule == "erk":
         return _erk(density, {name: tuple(w.shape) for name, w in weights.items()})
-    return _lamp(density, weights)
+    if rule == "lamp":
+        return _lamp(density, weights)
+    raise ValueError(f"unknown allocation rule {rule!r}; the rules are strategies.RULES")
 
 
 def _erk(density: float, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, float]:
