@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import load_entry_point
+from tests.conftest import ROOT, load_entry_point
 from models import create_model
 from pruning.budget import TARGET_TOLERANCE, CostModel, GammaSchedule, budget_record, on_target
 from pruning.graph import inspect_layers
@@ -108,6 +108,19 @@ def test_gamma_schedule_is_the_hook_that_sets_the_hardware_loss_weight():
     schedule.after_epoch(1, {"hw_loss": 0.0})
     assert schedule.before_epoch(5) == {"gamma": 1.0}
     assert schedule.state_dict() == {"gamma0": 0.5, "dynamic": True, "frozen": 1.0}
+
+
+def test_every_dataset_preset_sets_the_prune_stages_gamma():
+    """The built-in gamma 1.0 (the original's default) drives the rates far below a small target in one epoch."""
+    import glob
+    import yaml
+    presets = glob.glob(os.path.join(ROOT, "configs", "config-*.yml"))
+    assert len(presets) >= 6
+    for path in presets:
+        with open(path) as fh:
+            preset = yaml.safe_load(fh)
+        gamma = preset["per_mode"]["prune"].get("gamma")
+        assert gamma is not None and 0 < gamma < 1, path
 
 
 # ------------------------------------------------------------------------------------------ whole runs on digits
