@@ -369,6 +369,36 @@ def test_collect_writes_tables_and_a_plot_of_the_finished_cells_with_seeds_aggre
     assert (out / "accuracy_sparsity.png").stat().st_size > 0
 
 
+def test_collect_compares_methods_by_the_plans_cells_paired_by_seed(tmp_path):
+    path = write_plan(tmp_path, seeds=[1, 2, 3], methods=["dense", "Hydra", "HARP"],
+                      granularities={"weight": [0.01], "channel": [0.25]},
+                      collect={"attack": "natural", "compare_attacks": ["natural"]})
+    graph = graph_of(path)
+    for stage in graph.stages.values():
+        if stage.kind == "train":
+            finish_train(stage)
+    gaps = {1: 3.0, 2: 5.0, 3: 1.0}  # HARP - Hydra per seed: mean 3, std 2, HARP wins 3 of 3
+    for cell in graph.cells:
+        finish_test(graph.stages[cell.test], seed=cell.seed)
+        if cell.method == "HARP":
+            with open(graph.stages[cell.test].result) as fh:
+                data = json.load(fh)
+            data["natural_acc"] += gaps[cell.seed]
+            data["budget"] = {"measure": "flops" if cell.granularity == "channel" else "keep", "target": 0.0627,
+                              "reached": 0.03, "on_target": cell.granularity != "channel"}
+            with open(graph.stages[cell.test].result, "w") as fh:
+                json.dump(data, fh)
+    out = tmp_path / "tables"
+    assert reproduce.main([path, "--collect", "--out", str(out)]) == 0
+    text = (out / "compare.md").read_text()
+    assert "| weight k 0.01 (99 % pruned) | Hydra (score) | 3 | 92.00 ± 1.00 |" in text
+    assert "| weight k 0.01 (99 % pruned) | HARP | 3 | 95.00 ± 1.73 | 99.00 % sparse |" in text
+    assert "| channel k 0.25 | HARP | 3 | 95.00 ± 1.73 | 75.00 % sparse, FLOPs 3 % (target 6.27 %), **3 off target** |" in text
+    from scipy.stats import ttest_rel
+    p = ttest_rel([94.0, 97.0, 94.0], [91.0, 92.0, 93.0]).pvalue
+    assert f"| weight k 0.01 (99 % pruned) | Hydra (score) | 3.00 ± 2.00 (3/3, p {p:.2g}) |" in text
+
+
 def test_collect_without_finished_cells_says_so(tmp_path, capsys):
     assert reproduce.main([write_plan(tmp_path), "--collect"]) == 2
     assert "no cell of plan t is finished yet" in capsys.readouterr().err

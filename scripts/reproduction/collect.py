@@ -5,16 +5,21 @@ out. Replicates (the plan's seeds, each in its own subtree) become mean ± std w
 runs that differ only in seed, --exp-name or result directory.
 
 The plan's `collect:` section (flags override it): attack (default autoattack), preset (standard), metric (auto:
-balanced accuracy for SVHN; the AP benchmark reports plain accuracy: acc), show_sparsity (false).
+balanced accuracy for SVHN; the AP benchmark reports plain accuracy: acc), show_sparsity (false); and for
+compare.md (scripts/reproduction/compare.py: the methods by the plan's own (granularity, k) cells over the seeds,
+paired against one method) reference (HARP) and compare_attacks (default: attack).
 """
 import os
 from typing import Any, Callable, Dict, List, Mapping
 
 from configs.errors import UserError
+from scripts.reproduction.compare import DEFAULT_REFERENCE, compare
 from scripts.reproduction.plan import Graph
 from scripts.reproduction.state import DONE, StageState
 
-SETTINGS = {"attack": "autoattack", "preset": "standard", "metric": "auto", "show_sparsity": False}
+SETTINGS = {"attack": "autoattack", "preset": "standard", "metric": "auto", "show_sparsity": False,
+            "reference": DEFAULT_REFERENCE, "compare_attacks": None}
+COMPARE_FILE = "compare.md"
 TABLE_FORMATS = {"md": "table.md", "csv": "table.csv", "latex": "table.tex"}
 PLOT_FILE = "accuracy_sparsity.png"
 
@@ -35,8 +40,8 @@ def finished_results(graph: Graph, states: Mapping[str, StageState]) -> List[str
 
 def collect(graph: Graph, states: Mapping[str, StageState], out_dir: str, settings: Mapping[str, Any],
             say: Callable[[str], None] = print) -> List[str]:
-    """Write table.md, table.csv, table.tex and accuracy_sparsity.png of the finished cells into out_dir; returns
-    the files written."""
+    """Write table.md, table.csv, table.tex, accuracy_sparsity.png and compare.md of the finished cells into
+    out_dir; returns the files written."""
     from scripts.make_tables import make_tables  # noqa: E402 (matplotlib and the tables only when collecting)
     from scripts.plots import plot_accuracy_sparsity
     from scripts.results import TableError
@@ -56,6 +61,12 @@ def collect(graph: Graph, states: Mapping[str, StageState], out_dir: str, settin
             written.append(path)
         plot_accuracy_sparsity(results, os.path.join(out_dir, PLOT_FILE), **common)
         written.append(os.path.join(out_dir, PLOT_FILE))
+        attacks = settings["compare_attacks"] or [settings["attack"]]
+        path = os.path.join(out_dir, COMPARE_FILE)
+        with open(path, "w") as fh:
+            fh.write(compare(graph, states, [attacks] if isinstance(attacks, str) else list(attacks),
+                             reference=str(settings["reference"])))
+        written.append(path)
     except TableError as err:
         raise UserError(str(err)) from None
     say(f"{len(results)} of {len(graph.cells)} cells finished; wrote {', '.join(written)}")
