@@ -30,7 +30,7 @@ from trainers.evaluation.certified import certify_settings
 from trainers.evaluation.minimum_norm import copy_distances_file, fmn_settings
 from trainers.evaluation.registry import EvalSettings, parse_attacks
 from trainers.evaluation.suite import run_suite
-from trainers.threat import LINF, threat_from_config
+from trainers.attacks.threat import LINF, threat_from_config
 from utils.checkpoint import load_checkpoint, state_dict_of
 from utils.device import resolve_device
 from utils.logging import setup_logging, write_json

@@ -67,7 +67,7 @@ from pruning.loading import load_weights  # noqa: E402
 from pruning.trainable import set_trainable  # noqa: E402
 from pruning.wrap import RATE_KEY, SCORE_KEY, dense_state_dict, freeze_masks  # noqa: E402
 from stage import build_model, init_pruning_state, inspect_masked, make_optimizer, set_up_training  # noqa: E402
-from trainers.threat import ThreatModel  # noqa: E402
+from trainers.attacks.threat import ThreatModel  # noqa: E402
 from trainers.training import TRAINERS  # noqa: E402
 
 THREAT = ThreatModel(eps=0.031, step_size=0.0078, steps=10)

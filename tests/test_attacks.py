@@ -1,4 +1,4 @@
-"""Properties of test.py's per-batch attacks (trainers/evaluation/, trainers/attacks.py) on tiny models.
+"""Properties of test.py's per-batch attacks (trainers/evaluation/, trainers/attacks/pgd.py) on tiny models.
 
 Every attack keeps its output inside the eps-ball and [0, 1]; robust accuracy never exceeds natural
 accuracy; the model is in eval mode during attacks and each module's mode is restored afterwards; the same
@@ -10,11 +10,11 @@ from torch import nn
 
 from configs.errors import UserError
 from pruning.wrap import freeze_masks, model_sparsity, sparsify
-from trainers.attacks import fgsm
+from trainers.attacks.pgd import fgsm
 from trainers.evaluation.registry import EvalSettings, attack, batch_attack_names, parse_attacks, suite_names
 from trainers.evaluation.scoring import balanced_accuracy, project_to_threat
 from trainers.evaluation.suite import clean_pass, run_batch_attack, run_suite
-from trainers.threat import LINF, L2, ThreatModel, perturbation_norms
+from trainers.attacks.threat import LINF, L2, ThreatModel, perturbation_norms
 
 ATTACK_NAMES = suite_names()
 BATCH_ATTACKS = [n for n in batch_attack_names() if n in ATTACK_NAMES]  # what `--attacks all` runs per batch

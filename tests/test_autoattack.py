@@ -9,7 +9,7 @@ from torch import nn
 from trainers.evaluation.autoattack import Component, build_components, run_autoattack, target_classes
 from trainers.evaluation.registry import EvalSettings
 from trainers.evaluation.suite import run_suite
-from trainers.threat import LINF, L2, ThreatModel, perturbation_norms
+from trainers.attacks.threat import LINF, L2, ThreatModel, perturbation_norms
 
 
 def threat(eps, norm):

@@ -1,4 +1,4 @@
-"""IBP and CROWN-IBP bounds (trainers/bounds.py) and Hydra's verifiable CNNs (models/hydra_cnn.py).
+"""IBP and CROWN-IBP bounds (trainers/certify/bounds.py) and Hydra's verifiable CNNs (models/hydra_cnn.py).
 
 Checks against independent references: brute-force interval arithmetic over the corners of input and
 hidden boxes, exact linear bounds where the network is linear on the box (autograd gradient), sampled points
@@ -15,10 +15,10 @@ from torch import nn
 from configs.errors import UserError
 from models import MODELS, create_model, list_models
 from pruning.wrap import freeze_masks, masked_layers, sparsify
-from trainers.attacks import pgd
-from trainers.bounds import (CROWN_IBP, IBP, crown_ibp_loss, crown_ibp_schedule, input_box, interval_bounds,
+from trainers.attacks.pgd import pgd
+from trainers.certify.bounds import (CROWN_IBP, IBP, crown_ibp_loss, crown_ibp_schedule, input_box, interval_bounds,
                              margin_lower_bounds, verification_sums, verified, verified_accuracy)
-from trainers.threat import ThreatModel
+from trainers.attacks.threat import ThreatModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SLACK = 1e-5

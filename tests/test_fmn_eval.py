@@ -25,8 +25,8 @@ from trainers.evaluation.minimum_norm import (FAILURES_INF, FAILURES_ZERO, ap_fm
                                               tuning_points)
 from trainers.evaluation.registry import EvalSettings, parse_attacks
 from trainers.evaluation.suite import clean_pass, run_suite
-from trainers.fmn import AP_EPS
-from trainers.threat import LINF, ThreatModel
+from trainers.attacks.fmn import AP_EPS
+from trainers.attacks.threat import LINF, ThreatModel
 
 try:
     import fakedata

@@ -21,7 +21,7 @@ import torch
 from trainers.certified_training import CrownIBPLoop, SmoothingLoop
 from trainers.engine import FreePerturbation, ObjectiveLoop, train_one_epoch_free
 from trainers.fast_at import FastATLoop
-from trainers.threat import ThreatModel
+from trainers.attacks.threat import ThreatModel
 from utils.registry import Registry
 
 TRAINERS = Registry("training loop")

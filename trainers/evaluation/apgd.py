@@ -1,6 +1,6 @@
 """APGD-CE from torchattacks, 50 steps and 5 restarts, as the original test.py ran it."""
 from trainers.evaluation.registry import ATTACKS, AttackSpec
-from trainers.threat import LINF
+from trainers.attacks.threat import LINF
 
 APGD_STEPS, APGD_RESTARTS = 50, 5
 

@@ -45,7 +45,7 @@ from trainers.evaluation.apgd import torchattacks_norm
 from trainers.evaluation.registry import ATTACKS, AttackSpec
 from trainers.evaluation.scoring import (PassResult, exceeds_budget, project_and_score, result_entry, score_batches,
                                          stderr)
-from trainers.threat import ThreatModel, eval_mode, perturbation_norms
+from trainers.attacks.threat import ThreatModel, eval_mode, perturbation_norms
 from utils.progress import progress
 from utils.seed import seed_everything
 

@@ -5,7 +5,7 @@
     pgd10/20/50  PGD-k on cross-entropy, random start, the configured step size
     cw           PGD on the CW margin loss (kappa 50), 20 steps, random start, the configured step size
 """
-from trainers.attacks import CW_KAPPA, fgsm, pgd
+from trainers.attacks.pgd import CW_KAPPA, fgsm, pgd
 from trainers.evaluation.registry import ATTACKS, AttackSpec
 
 CW_STEPS = 20

@@ -1,4 +1,4 @@
-"""test.py's `fmn`: minimal adversarial distances from FMN (trainers/fmn.py), and the security curve they give.
+"""test.py's `fmn`: minimal adversarial distances from FMN (trainers/attacks/fmn.py), and the security curve they give.
 
 One FMN run gives every evaluated point its smallest adversarial perturbation found, so the robust accuracy at
 every eps follows at once (the AP benchmark's HO-FMN evaluation and security curves). The entry reports
@@ -16,9 +16,9 @@ every eps follows at once (the AP benchmark's HO-FMN evaluation and security cur
 Counting. Default: a point FMN never broke has distance +inf and is robust at every eps (the attack's failure is
 not evidence against the model, and AutoAttack counts it the same way); clean errors have distance 0 and are
 never robust, as every attack of test.py counts them. The AP preset counts as HO-FMN does: failures get
-distance 0, i.e. count as broken (`trainers.fmn.failures_as_zero`).
+distance 0, i.e. count as broken (`trainers.attacks.fmn.failures_as_zero`).
 
-Tuning (--fmn-tune N, trainers/fmn_tune.py) never sees an evaluated point: by default it runs on the held-out
+Tuning (--fmn-tune N, trainers/attacks/fmn_tune.py) never sees an evaluated point: by default it runs on the held-out
 validation split when test.py has one (--val-split > 0), else on the first --fmn-tune-points training images
 (epoch 0's shuffled order for --seed, with the training augmentation); the AP preset tunes on test points [0, 64)
 and attacks [2048, 2176), as the benchmark.
@@ -38,9 +38,9 @@ from configs.errors import UserError
 from trainers.evaluation.ap_protocol import AP_PRESET
 from trainers.evaluation.registry import ATTACKS, AttackSpec, EvalSettings
 from trainers.evaluation.scoring import Batches, PassResult, result_entry, worst_case
-from trainers.fmn import (AP_EPS, AP_EVAL_POINTS, AP_NORM, AP_STEPS, AP_TUNE_POINTS, AP_TUNE_STEPS, AP_TUNE_TRIALS,
+from trainers.attacks.fmn import (AP_EPS, AP_EVAL_POINTS, AP_NORM, AP_STEPS, AP_TUNE_POINTS, AP_TUNE_STEPS, AP_TUNE_TRIALS,
                           FMNConfig, ap_eps_grid, failures_as_zero, fmn_batches, security_curve)
-from trainers.fmn_tune import SearchSpace, tune_fmn
+from trainers.attacks.fmn_tune import SearchSpace, tune_fmn
 from utils.atomic import atomic_write
 from utils.seed import seed_everything
 
@@ -219,7 +219,7 @@ def fmn_entry(model: nn.Module, make_batches: Callable[[], Batches], settings: E
     sub = PassResult(sums={}, labels=labels, predictions=clean.predictions[start:end])
     prediction = torch.where(robust, labels, torch.full_like(labels, -1))
     threat = settings.with_threat(eps=plan.eps, norm=plan.norm)
-    params = dict(implementation="trainers.fmn", steps=plan.steps, points=[start, end], counting=plan.counting,
+    params = dict(implementation="trainers.attacks.fmn", steps=plan.steps, points=[start, end], counting=plan.counting,
                   config=config, tuning=tuning, seed=settings.seed)
     if plan.deviations:
         params["deviations"] = plan.deviations

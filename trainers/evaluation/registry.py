@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from configs.errors import UserError
-from trainers.threat import ThreatModel
+from trainers.attacks.threat import ThreatModel
 from utils.registry import Registry
 
 BatchAttack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,7 +49,7 @@ class EvalSettings:
     # FMN (trainers/evaluation/minimum_norm.py; test.py: **fmn_settings(cfg, data, stem))
     fmn_steps: int = 100            # attack steps (the AP preset: the benchmark's 200)
     fmn_tune: int = 0               # configurations tried on the tuning points (0: FMN's default configuration)
-    fmn_tune_search: str = "random"  # or "halving" (trainers/fmn_tune.py)
+    fmn_tune_search: str = "random"  # or "halving" (trainers/attacks/fmn_tune.py)
     tuning_batches: Optional[Callable[[], Iterable[Tuple[torch.Tensor, torch.Tensor]]]] = None  # never test points
     tuning_split: str = ""          # what tuning_batches are, for the result
     artifact_stem: Optional[str] = None  # per-point files go to f"{artifact_stem}_<name>..." (beside the JSON)

@@ -5,8 +5,8 @@
     adv, freeadv  the training loop's robust measure: the attack --attack_eval under the configured threat model,
                   or the `validation_method` the loop names (--trainer smooth: smooth; crown-ibp: ibp)
     smooth        accuracy of the smoothed classifier from 10 draws of noise std --noise-std (an estimate, not a
-                  certificate; trainers.smoothing.smoothed_validation)
-    ibp           IBP-verified accuracy at the threat model's Linf eps (trainers.bounds.verification_sums)
+                  certificate; trainers.certify.smoothing.smoothed_validation)
+    ibp           IBP-verified accuracy at the threat model's Linf eps (trainers.certify.bounds.verification_sums)
 
 train.py: `validate(model, batches, **validation_options(cfg), threat=..., ...)`.
 """
@@ -15,12 +15,12 @@ from typing import Any, Dict, Iterable, Optional
 import torch.nn as nn
 
 from configs.errors import UserError
-from trainers.bounds import IBP, verification_sums
+from trainers.certify.bounds import IBP, verification_sums
 from trainers.certified_training import IBP_VALIDATION, SMOOTH_VALIDATION
 from trainers.evaluation.registry import EvalSettings, attack
 from trainers.evaluation.scoring import score_batches
-from trainers.smoothing import smoothed_validation
-from trainers.threat import LINF, ThreatModel
+from trainers.certify.smoothing import smoothed_validation
+from trainers.attacks.threat import LINF, ThreatModel
 from trainers.training import TRAINERS
 from utils.progress import progress
 
