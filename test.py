@@ -25,12 +25,12 @@ from configs.schema import config_to_dict
 from pruning.loading import describe_state
 from pruning.wrap import freeze_masks, model_sparsity
 from stage import build_model, fit_checkpoint, load_data, option_choices
+from trainers.attacks.threat import LINF, threat_from_config
 from trainers.evaluation.ap_protocol import AP_PRESET, ap_attacks, ap_config, protocol_record
 from trainers.evaluation.certified import certify_settings
 from trainers.evaluation.minimum_norm import copy_distances_file, fmn_settings
 from trainers.evaluation.registry import EvalSettings, parse_attacks
 from trainers.evaluation.suite import run_suite
-from trainers.attacks.threat import LINF, threat_from_config
 from utils.checkpoint import load_checkpoint, state_dict_of
 from utils.device import resolve_device
 from utils.logging import setup_logging, write_json

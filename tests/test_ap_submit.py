@@ -19,10 +19,10 @@ from data.info import dataset_info
 from scripts import ap_submit
 from stage import build_model
 from tests.conftest import load_entry_point
+from trainers.attacks.threat import ThreatModel
 from trainers.evaluation.ap_protocol import AP_PRESET
 from trainers.evaluation.minimum_norm import ap_fmn_plan, write_distances
 from trainers.evaluation.registry import EvalSettings
-from trainers.attacks.threat import ThreatModel
 
 test_py = load_entry_point("test.py", "harp_test_entry_ap_submit")
 pytestmark = pytest.mark.usefixtures("one_thread")

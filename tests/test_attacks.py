@@ -11,10 +11,10 @@ from torch import nn
 from configs.errors import UserError
 from pruning.wrap import freeze_masks, model_sparsity, sparsify
 from trainers.attacks.pgd import fgsm
+from trainers.attacks.threat import LINF, L2, ThreatModel, perturbation_norms
 from trainers.evaluation.registry import EvalSettings, attack, batch_attack_names, parse_attacks, suite_names
 from trainers.evaluation.scoring import balanced_accuracy, project_to_threat
 from trainers.evaluation.suite import clean_pass, run_batch_attack, run_suite
-from trainers.attacks.threat import LINF, L2, ThreatModel, perturbation_norms
 
 ATTACK_NAMES = suite_names()
 BATCH_ATTACKS = [n for n in batch_attack_names() if n in ATTACK_NAMES]  # what `--attacks all` runs per batch

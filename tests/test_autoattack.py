@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers.attacks.threat import LINF, L2, ThreatModel, perturbation_norms
 from trainers.evaluation.autoattack import Component, build_components, run_autoattack, target_classes
 from trainers.evaluation.registry import EvalSettings
 from trainers.evaluation.suite import run_suite
-from trainers.attacks.threat import LINF, L2, ThreatModel, perturbation_norms
 
 
 def threat(eps, norm):

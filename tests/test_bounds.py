@@ -16,9 +16,9 @@ from configs.errors import UserError
 from models import MODELS, create_model, list_models
 from pruning.wrap import freeze_masks, masked_layers, sparsify
 from trainers.attacks.pgd import pgd
+from trainers.attacks.threat import ThreatModel
 from trainers.certify.bounds import (CROWN_IBP, IBP, crown_ibp_loss, crown_ibp_schedule, input_box, interval_bounds,
                              margin_lower_bounds, verification_sums, verified, verified_accuracy)
-from trainers.attacks.threat import ThreatModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SLACK = 1e-5

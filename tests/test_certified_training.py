@@ -20,14 +20,14 @@ from models import create_model
 from scripts import make_tables
 from stage import build_model, option_choices
 from tests.conftest import load_entry_point, single_thread
-from trainers.certify.bounds import crown_ibp_loss, crown_ibp_schedule, verification_sums, verified
+from trainers.attacks.threat import ThreatModel, threat_from_config
 from trainers.certified_training import CrownIBPLoop, SmoothingLoop
+from trainers.certify.bounds import crown_ibp_loss, crown_ibp_schedule, verification_sums, verified
+from trainers.certify.smoothing import ABSTAIN, smooth_loss, smoothed_validation
 from trainers.evaluation.certified import certify_settings
 from trainers.evaluation.registry import EvalSettings
 from trainers.evaluation.suite import run_suite
 from trainers.evaluation.validation import validate, validation_options
-from trainers.certify.smoothing import ABSTAIN, smooth_loss, smoothed_validation
-from trainers.attacks.threat import ThreatModel, threat_from_config
 from utils.run_dir import objective_component
 
 test_py = load_entry_point("test.py", "harp_test_entry_certified")

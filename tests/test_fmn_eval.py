@@ -18,6 +18,8 @@ from configs.errors import UserError
 from data import build_data
 from scripts import make_tables, plots
 from tests.conftest import InputRecorder, load_entry_point, single_thread
+from trainers.attacks.fmn import AP_EPS
+from trainers.attacks.threat import LINF, ThreatModel
 from trainers.evaluation import masking_checks
 from trainers.evaluation.ap_protocol import AP_AA_EPS, AP_PRESET
 from trainers.evaluation.minimum_norm import (FAILURES_INF, FAILURES_ZERO, ap_fmn_plan, counted_distances,
@@ -25,8 +27,6 @@ from trainers.evaluation.minimum_norm import (FAILURES_INF, FAILURES_ZERO, ap_fm
                                               tuning_points)
 from trainers.evaluation.registry import EvalSettings, parse_attacks
 from trainers.evaluation.suite import clean_pass, run_suite
-from trainers.attacks.fmn import AP_EPS
-from trainers.attacks.threat import LINF, ThreatModel
 
 try:
     import fakedata

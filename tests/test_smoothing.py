@@ -14,10 +14,10 @@ from scipy.stats import beta as beta_dist
 from scipy.stats import binom, norm
 from torch import nn
 
-from trainers.evaluation.scoring import accuracies
 from trainers.certify.smoothing import (ABSTAIN, Certificate, average_certified_radius, certification_summary,
                                 certified_accuracy, certify, clopper_pearson_lower, gaussian_augmentation_loss,
                                 predict, sample_counts, smooth_loss, smoothed_validation)
+from trainers.evaluation.scoring import accuracies
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 
 from configs.errors import UserError
+from trainers.attacks.threat import LINF, ThreatModel
 from trainers.certify.bounds import IBP, bound_steps, crown_ibp_loss, crown_ibp_schedule
+from trainers.certify.smoothing import gaussian_augmentation_loss, smooth_loss
 from trainers.engine import ObjectiveLoop, train_one_epoch
 from trainers.objectives import Objective, ObjectiveSettings
-from trainers.certify.smoothing import gaussian_augmentation_loss, smooth_loss
-from trainers.attacks.threat import LINF, ThreatModel
 
 # The loops' per-epoch validation: --val-method names (trainers/evaluation/validation.py).
 SMOOTH_VALIDATION, IBP_VALIDATION = "smooth", IBP

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from configs.errors import UserError
 from trainers.attacks.pgd import pgd
+from trainers.attacks.threat import ThreatModel, random_start
 from trainers.engine import ObjectiveLoop
 from trainers.objectives import Objective, ObjectiveSettings
 from trainers.regularizers import HOOKS
-from trainers.attacks.threat import ThreatModel, random_start
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Dict
 
 import torch
 
+from trainers.attacks.threat import ThreatModel
 from trainers.certified_training import CrownIBPLoop, SmoothingLoop
 from trainers.engine import FreePerturbation, ObjectiveLoop, train_one_epoch_free
 from trainers.fast_at import FastATLoop
-from trainers.attacks.threat import ThreatModel
 from utils.registry import Registry
 
 TRAINERS = Registry("training loop")

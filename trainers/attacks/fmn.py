@@ -41,7 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configs.errors import UserError
-from trainers.attacks.threat import L2, LINF, eval_mode, perturbation_norms
+from trainers.attacks.threat import L2, LINF, perturbation_norms
+from utils.modes import eval_mode
 
 NORMS = (LINF, L2)
 LOSSES = ("ld", "ce", "dlr")

@@ -3,12 +3,10 @@
 `threat_from_config` is the only place a config's norm spelling (`l_inf`, `l_2`) is read; from there on the norm
 is `LINF` or `L2`. Geometry helpers (projection, norms, random starts) live here with the object they serve.
 """
-import contextlib
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
 LINF, L2 = "linf", "l2"
 _CONFIG_NORMS = {"l_inf": LINF, "l_2": L2}
@@ -33,18 +31,6 @@ def threat_from_config(cfg, *, random_start: bool = True, step_size: Optional[fl
     return ThreatModel(eps=cfg.epsilon, step_size=cfg.step_size if step_size is None else step_size,
                        steps=cfg.num_steps, norm=_CONFIG_NORMS[cfg.distance], clip_min=cfg.clip_min,
                        clip_max=cfg.clip_max, random_start=random_start)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Eval mode for an attack (BN running statistics untouched), every module's own mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from configs.errors import UserError
 from pruning.layers import MaskedMixin
-from trainers.attacks.threat import eval_mode
+from utils.modes import eval_mode
 
 IBP, CROWN_IBP = "ibp", "crown-ibp"
 METHODS = (IBP, CROWN_IBP)

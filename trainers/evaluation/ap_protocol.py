@@ -19,9 +19,9 @@ import dataclasses
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from trainers.evaluation.registry import NATURAL, parse_attacks
 from trainers.attacks.fmn import (AP_CURVE_EPS_MAX, AP_CURVE_POINTS, AP_EPS, AP_EVAL_POINTS, AP_STEPS, AP_TUNE_POINTS,
                           AP_TUNE_STEPS, AP_TUNE_TRIALS)
+from trainers.evaluation.registry import NATURAL, parse_attacks
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """APGD-CE from torchattacks, 50 steps and 5 restarts, as the original test.py ran it."""
-from trainers.evaluation.registry import ATTACKS, AttackSpec
 from trainers.attacks.threat import LINF
+from trainers.evaluation.registry import ATTACKS, AttackSpec
 
 APGD_STEPS, APGD_RESTARTS = 50, 5
 

@@ -40,12 +40,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from trainers.attacks.threat import ThreatModel, perturbation_norms
 from trainers.evaluation.ap_protocol import AP_PRESET
 from trainers.evaluation.apgd import torchattacks_norm
 from trainers.evaluation.registry import ATTACKS, AttackSpec
 from trainers.evaluation.scoring import (PassResult, exceeds_budget, project_and_score, result_entry, score_batches,
                                          stderr)
-from trainers.attacks.threat import ThreatModel, eval_mode, perturbation_norms
+from utils.modes import eval_mode
 from utils.progress import progress
 from utils.seed import seed_everything
 

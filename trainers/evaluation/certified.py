@@ -23,11 +23,11 @@ import torch
 import torch.nn as nn
 
 from configs.errors import UserError
+from trainers.attacks.threat import L2, LINF
 from trainers.certify.bounds import CROWN_IBP, IBP, verified
+from trainers.certify.smoothing import DEFAULT_RADII, Certificate, certification_summary, certify, predict
 from trainers.evaluation.registry import ATTACKS, AttackSpec, EvalSettings
 from trainers.evaluation.scoring import Batches, PassResult, result_entry, worst_case
-from trainers.certify.smoothing import DEFAULT_RADII, Certificate, certification_summary, certify, predict
-from trainers.attacks.threat import L2, LINF
 from utils.progress import progress
 from utils.seed import seed_everything
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from trainers.attacks.fmn import attack_objective
-from trainers.attacks.threat import eval_mode
+from utils.modes import eval_mode
 
 log = logging.getLogger(__name__)
 

@@ -35,12 +35,12 @@ import torch
 import torch.nn as nn
 
 from configs.errors import UserError
-from trainers.evaluation.ap_protocol import AP_PRESET
-from trainers.evaluation.registry import ATTACKS, AttackSpec, EvalSettings
-from trainers.evaluation.scoring import Batches, PassResult, result_entry, worst_case
 from trainers.attacks.fmn import (AP_EPS, AP_EVAL_POINTS, AP_NORM, AP_STEPS, AP_TUNE_POINTS, AP_TUNE_STEPS, AP_TUNE_TRIALS,
                           FMNConfig, ap_eps_grid, failures_as_zero, fmn_batches, security_curve)
 from trainers.attacks.fmn_tune import SearchSpace, tune_fmn
+from trainers.evaluation.ap_protocol import AP_PRESET
+from trainers.evaluation.registry import ATTACKS, AttackSpec, EvalSettings
+from trainers.evaluation.scoring import Batches, PassResult, result_entry, worst_case
 from utils.atomic import atomic_write
 from utils.seed import seed_everything
 

@@ -15,12 +15,12 @@ from typing import Any, Dict, Iterable, Optional
 import torch.nn as nn
 
 from configs.errors import UserError
-from trainers.certify.bounds import IBP, verification_sums
+from trainers.attacks.threat import LINF, ThreatModel
 from trainers.certified_training import IBP_VALIDATION, SMOOTH_VALIDATION
+from trainers.certify.bounds import IBP, verification_sums
+from trainers.certify.smoothing import smoothed_validation
 from trainers.evaluation.registry import EvalSettings, attack
 from trainers.evaluation.scoring import score_batches
-from trainers.certify.smoothing import smoothed_validation
-from trainers.attacks.threat import LINF, ThreatModel
 from trainers.training import TRAINERS
 from utils.progress import progress
 
