@@ -18,10 +18,11 @@ from torch import nn
 
 from configs.errors import UserError
 from tests.conftest import InputRecorder, single_thread
-from trainers.attacks.fmn import (LOSSES, OPTIMIZERS, SCHEDULES, ap_eps_grid, failures_as_zero, fmn, fmn_batches,
+from trainers.attacks.fmn import (LOSSES, OPTIMIZERS, SCHEDULES, failures_as_zero, fmn, fmn_batches,
                           robust_accuracy_at, security_curve)
 from trainers.attacks.fmn_tune import SearchSpace, tune_fmn
 from trainers.attacks.threat import L2, LINF, perturbation_norms
+from trainers.evaluation.ap_protocol import ap_eps_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

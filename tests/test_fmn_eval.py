@@ -18,10 +18,9 @@ from configs.errors import UserError
 from data import build_data
 from scripts import make_tables, plots
 from tests.conftest import InputRecorder, load_entry_point, single_thread
-from trainers.attacks.fmn import AP_EPS
 from trainers.attacks.threat import LINF, ThreatModel
 from trainers.evaluation import masking_checks
-from trainers.evaluation.ap_protocol import AP_AA_EPS, AP_PRESET
+from trainers.evaluation.ap_protocol import AP_AA_EPS, AP_EPS, AP_PRESET
 from trainers.evaluation.minimum_norm import (FAILURES_INF, FAILURES_ZERO, ap_fmn_plan, counted_distances,
                                               default_eps_grid, fmn_entry, read_distances, resolve_distances_file,
                                               tuning_points)

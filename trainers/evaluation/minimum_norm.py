@@ -35,10 +35,10 @@ import torch
 import torch.nn as nn
 
 from configs.errors import UserError
-from trainers.attacks.fmn import (AP_EPS, AP_EVAL_POINTS, AP_NORM, AP_STEPS, AP_TUNE_POINTS, AP_TUNE_STEPS, AP_TUNE_TRIALS,
-                          FMNConfig, ap_eps_grid, failures_as_zero, fmn_batches, security_curve)
+from trainers.attacks.fmn import FMNConfig, failures_as_zero, fmn_batches, security_curve
 from trainers.attacks.fmn_tune import SearchSpace, tune_fmn
-from trainers.evaluation.ap_protocol import AP_PRESET
+from trainers.evaluation.ap_protocol import (AP_EPS, AP_EVAL_POINTS, AP_NORM, AP_PRESET, AP_SEARCH_SPACE, AP_STEPS,
+                                             AP_TUNE_POINTS, AP_TUNE_STEPS, AP_TUNE_TRIALS, ap_eps_grid)
 from trainers.evaluation.registry import ATTACKS, AttackSpec, EvalSettings
 from trainers.evaluation.scoring import Batches, PassResult, result_entry, worst_case
 from utils.atomic import atomic_write
@@ -52,10 +52,6 @@ CURVE_EPS_MULTIPLES = 3        # ... up to 3 eps (25 budgets, eps itself among t
 DISTANCES_SUFFIX = "_fmn_distances.pt"
 DISTANCES_FORMAT = 1
 FAILURES_INF, FAILURES_ZERO = "failures_inf", "failures_zero"
-# HO-FMN's search space for SGD (Mura et al. 2024): step size log-uniform in [8/255, 10], momentum in
-# [0, 0.9]; loss, optimizer and schedule fixed to the benchmark's DLR, SGD and cosine annealing to 0 (eta_min 0).
-AP_SEARCH_SPACE = SearchSpace(alpha_init=(8 / 255, 10.0), momentum=(0.0, 0.9), losses=("dlr",), optimizers=("sgd",),
-                              schedules=("cosine",), eps_starts=("unbounded",), alpha_final=0.0)
 
 
 # ----------------------------------------------------------------------------------------------- settings
