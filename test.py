@@ -27,7 +27,7 @@ from pruning.wrap import freeze_masks, model_sparsity
 from stage import build_model, fit_checkpoint, load_data, option_choices
 from trainers.attacks.threat import LINF, threat_from_config
 from trainers.evaluation.ap_protocol import AP_PRESET, ap_attacks, ap_config, protocol_record
-from trainers.evaluation.certified import certify_settings
+from trainers.evaluation.certified import certify_settings, verified_comparison
 from trainers.evaluation.minimum_norm import copy_distances_file, fmn_settings
 from trainers.evaluation.registry import EvalSettings, parse_attacks
 from trainers.evaluation.suite import run_suite
@@ -156,7 +156,8 @@ def summary_lines(result: Dict) -> List[str]:
                          note))
     for point in result.get("security_curve", []):
         lines.append(row(f"pgd{point['steps']} curve", f"{point['eps']:g}", point["robust_acc"], point["stderr"], None))
-    return lines
+    comparison = verified_comparison(result["attacks"])
+    return lines + ([comparison] if comparison else [])
 
 
 # ----------------------------------------------------------------------------------------------- main

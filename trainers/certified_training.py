@@ -1,6 +1,7 @@
 """Training loops of Hydra's certified objectives (`--trainer smooth`, `--trainer crown-ibp`; Hydra's
-trainer/smooth.py and trainer/crown_ibp.py). Both step through the shared epoch of trainers/engine.py, so the recipe's regularizers
-(HARP's hardware loss), bf16, progress and the finite-loss check apply unchanged, in every exp-mode.
+trainer/smooth.py and trainer/crown_ibp.py; the third, MixTrain, is trainers/mixtrain.py). Both step through the
+shared epoch of trainers/engine.py, so the recipe's regularizers (HARP's hardware loss), bf16, progress and the
+finite-loss check apply unchanged, in every exp-mode.
 
     smooth     randomized smoothing (Cohen et al. 2019) with noise std --noise-std on [0, 1] inputs:
                --smooth-loss kl: Hydra's CE(f(x)) + --beta * KL(p(x) || p(x + delta)) (its non-ImageNet trainer);
@@ -67,7 +68,8 @@ def bounded_module(model: nn.Module) -> nn.Module:
     bounds compute); DistributedDataParallel is refused, because bounds computed on the inner module would
     bypass its gradient synchronisation."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise UserError("--trainer crown-ibp runs in a single process; start it without torchrun")
+        raise UserError("the bound-trained loops (--trainer crown-ibp, mixtrain) run in a single process; start "
+                        "them without torchrun")
     return getattr(model, "_orig_mod", model)
 
 

@@ -4,6 +4,7 @@
     adv      the --adv_loss objective (PGD-AT, TRADES, MART), after --warmup-epochs of --warmup-loss
     freeadv  Free-AT (Shafahi et al. 2019) with a perturbation that persists across batches and epochs
     smooth, crown-ibp  Hydra's certified objectives (trainers/certified_training.py)
+    mixtrain           Hydra's third one: clean CE + symbolic-interval robust CE on a few points (trainers/mixtrain.py)
     fast     Fast-AT (Wong et al. 2020): one FGSM step of 1.25 eps from a random start, with the catastrophic-
              overfitting guard (trainers/fast_at.py)
 
@@ -22,6 +23,7 @@ from trainers.attacks.threat import ThreatModel
 from trainers.certified_training import CrownIBPLoop, SmoothingLoop
 from trainers.engine import FreePerturbation, ObjectiveLoop, train_one_epoch_free
 from trainers.fast_at import FastATLoop
+from trainers.mixtrain import MixTrainLoop
 from utils.registry import Registry
 
 TRAINERS = Registry("training loop")
@@ -53,4 +55,5 @@ TRAINERS.add("adv", ObjectiveLoop)
 TRAINERS.add("freeadv", FreeATLoop)
 TRAINERS.add("smooth", SmoothingLoop)        # randomized smoothing (trainers/certified_training.py)
 TRAINERS.add("crown-ibp", CrownIBPLoop)      # verifiable training (trainers/certified_training.py)
+TRAINERS.add("mixtrain", MixTrainLoop)       # verifiable training (trainers/mixtrain.py)
 TRAINERS.add("fast", FastATLoop)             # Fast-AT (trainers/fast_at.py)

@@ -1,4 +1,5 @@
-"""Certified evaluations for test.py (`--attacks certify,ibp,crown-ibp`): whole-set entries of the attack registry.
+"""Certified evaluations for test.py (`--attacks certify,ibp,sym,crown-ibp`): whole-set entries of the attack
+registry.
 
     certify    randomized smoothing (Cohen, Rosenfeld & Kolter, ICML 2019): CERTIFY (N0 selection draws, N
                estimation draws, one-sided Clopper-Pearson bound at alpha, abstain below 1/2) and PREDICT (N draws,
@@ -9,22 +10,24 @@
                the abstention rates, the parameters and `per_point` (label, prediction, radius, correct,
                smoothed_prediction; prediction -1 = abstained).
     ibp        IBP-verified accuracy at the threat model's Linf eps (Hydra's evaluation of its verifiable models)
+    sym        the same with symbolic interval analysis (ReluVal / Neurify; Hydra's evaluation of MixTrain models)
     crown-ibp  the same with CROWN-IBP bounds (Zhang et al. 2020), usually tighter on models trained with them
 
-Neither is part of `--attacks all`: certify costs N0 + 2N forwards per point, and the bounds need an nn.Sequential
+None is part of `--attacks all`: certify costs N0 + 2N forwards per point, and the bounds need an nn.Sequential
 of Conv2d/Linear/ReLU/Flatten (any other model gives a one-line error). The bounds are sound, so a verified point
-is robust to every attack of the same eps: IBP- and CROWN-IBP-verified accuracy never exceed PGD's.
+is robust to every attack of the same eps: verified accuracy never exceeds PGD's. All three bounds score the clean
+pass's points, and `verified_comparison` puts them side by side in test.py's summary.
 """
 import logging
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 
 from configs.errors import UserError
 from trainers.attacks.threat import L2, LINF
-from trainers.certify.bounds import CROWN_IBP, IBP, verified
+from trainers.certify.bounds import CROWN_IBP, IBP, METHODS, SYMBOLIC, verified
 from trainers.certify.smoothing import DEFAULT_RADII, Certificate, certification_summary, certify, predict
 from trainers.evaluation.registry import ATTACKS, AttackSpec, EvalSettings
 from trainers.evaluation.scoring import Batches, PassResult, result_entry, worst_case
@@ -111,12 +114,25 @@ def _verified_entry(method: str):
     return run
 
 
+def verified_comparison(attacks: Dict[str, Dict[str, Any]]) -> Optional[str]:
+    """One line with the verified accuracies of the bounds that ran (IBP, symbolic, CROWN-IBP: all on the clean
+    pass's points), or None when fewer than two did."""
+    ran = [method for method in METHODS if method in attacks]
+    if len(ran) < 2:
+        return None
+    return f"verified at eps {attacks[ran[0]]['eps']:g}, same points: " + \
+        " | ".join(f"{method} {attacks[method]['robust_acc']:.2f}%" for method in ran)
+
+
 ATTACKS.add(CERTIFY, AttackSpec(
     CERTIFY, "randomized smoothing: Cohen et al.'s CERTIFY and PREDICT (--noise-std, --certify-n0/-n/-alpha); "
     "robust = certified accuracy at radius 0", _certify_params, run=certify_entry, in_all=False))
 ATTACKS.add(IBP, AttackSpec(
     IBP, "IBP-verified accuracy at eps (nn.Sequential conv/linear/ReLU models such as cifar_model)",
     lambda s: {"bound": IBP}, run=_verified_entry(IBP), in_all=False))
+ATTACKS.add(SYMBOLIC, AttackSpec(
+    SYMBOLIC, "symbolic-interval-verified accuracy at eps (ReluVal/Neurify, as MixTrain; nn.Sequential conv/linear/"
+    "ReLU models such as cifar_model)", lambda s: {"bound": SYMBOLIC}, run=_verified_entry(SYMBOLIC), in_all=False))
 ATTACKS.add(CROWN_IBP, AttackSpec(
     CROWN_IBP, "CROWN-IBP-verified accuracy at eps (nn.Sequential conv/linear/ReLU models such as cifar_model)",
     lambda s: {"bound": CROWN_IBP}, run=_verified_entry(CROWN_IBP), in_all=False))
