@@ -19,9 +19,20 @@ Configurations (the same random batch for all of them):
   forward_plain        eval forward of the plain model (fp32, no grad, as test.py evaluates)
   forward_dense_export eval forward of a fresh plain model loaded with dense_state_dict(masked model)
 
+Hydra's certified objectives, when the bounds can walk the model (a plain Sequential such as cifar_model), on the
+plain model at --epsilon (the bounds' cost grows with the unstable ReLUs, so a random model at the plan's eps is a
+pessimistic stand-in for a trained one):
+  smooth_train         --trainer smooth (Hydra's KL loss: a clean and a noisy forward)
+  crown_ibp_train      --trainer crown-ibp while eps ramps (beta > 0: the CROWN pass and IBP)
+  ibp_train            --trainer crown-ibp after the ramp (beta = 0: IBP only)
+  sym_train            the symbolic-interval robust loss and its backward on SYMBOLIC_POINTS points (MixTrain's
+                       extra term; its step adds 0.8 --mixtrain-k of these points to a plain step)
+  ibp_verify, sym_verify, crown_ibp_verify   verified() on the batch (sym: on SYMBOLIC_POINTS points), as test.py
+
 Ratios (each a ratio of medians): R1 = pgd10_at / plain_train, R2 = pgd10_harp_prune / pgd10_plain_frozen_w,
 R3 = finetune_train / plain_train, R4 = forward_dense_export / forward_plain; R4_max_abs_diff = max |logits of
-the masked model - logits of the export|.
+the masked model - logits of the export|. A model without norm layers (cifar_model) has no pgd10_plain_frozen_w
+(nothing to train under frozen weights) and no R2.
 
 `compact` (unless --no-compact): the plain model channel-pruned at k = COMPACT_K as lwm_finetune sets it up
 (magnitude scores, every layer at k, residual rates tied, masks frozen), exported by pruning.compact.compact_model;
@@ -48,7 +59,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -67,7 +78,9 @@ from pruning.loading import load_weights  # noqa: E402
 from pruning.trainable import set_trainable  # noqa: E402
 from pruning.wrap import RATE_KEY, SCORE_KEY, dense_state_dict, freeze_masks  # noqa: E402
 from stage import build_model, init_pruning_state, inspect_masked, make_optimizer, set_up_training  # noqa: E402
+from configs.errors import UserError  # noqa: E402
 from trainers.attacks.threat import ThreatModel  # noqa: E402
+from trainers.certify.bounds import CROWN_IBP, IBP, SYMBOLIC, bound_steps, verified, worst_case_loss  # noqa: E402
 from trainers.training import TRAINERS  # noqa: E402
 
 THREAT = ThreatModel(eps=0.031, step_size=0.0078, steps=10)
@@ -78,11 +91,16 @@ RECIPE_SWITCHES = {"pretrain": dict(trainer="adv", adv_loss="pgd"),
                    "harp_finetune": dict(trainer="base", adv_loss="nat")}
 # The project's CPU speed thresholds (README, Benchmark) (R2's is for batch 32); reported next to the values, never enforced here.
 THRESHOLDS = {"R1": 8.0, "R2": 1.20, "R3": 1.05, "R4": 1.02}
+# Each ratio's (numerator, denominator) configuration.
+RATIOS = {"R1": ("pgd10_at", "plain_train"), "R2": ("pgd10_harp_prune", "pgd10_plain_frozen_w"),
+          "R3": ("finetune_train", "plain_train"), "R4": ("forward_dense_export", "forward_plain")}
 # harp_prune as the CIFAR seed command configures it: k 0.01, alpha 0.1, start rates 010_uni, gamma 0.01.
 K, ALPHA, START_KEEP, GAMMA = 0.01, 0.1, 0.10, 0.01
 LR, MOMENTUM, WD = 0.01, 0.9, 5e-4
 # Channel keep rate of the compact export (the AP benchmark's 50 % structured sparsity).
 COMPACT_K = 0.5
+# Points of the symbolic configurations (each costs hundreds of forwards).
+SYMBOLIC_POINTS = 4
 
 
 def _sync(device: torch.device) -> None:
@@ -138,8 +156,9 @@ def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
 
 
 def build(arch: str, dataset: str, batch_size: int, device: torch.device, *, bf16: bool = False,
-          channels_last: bool = False, compile: bool = False, seed: int = 0) -> Dict:
-    """The models and one callable per configuration (see the module docstring)."""
+          channels_last: bool = False, compile: bool = False, seed: int = 0, threat: ThreatModel = THREAT) -> Dict:
+    """The models, one callable per configuration and the images each call processes (see the module
+    docstring)."""
     info = dataset_info(dataset)
     torch.manual_seed(seed)
     shape = (info.in_channels, info.image_size, info.image_size)
@@ -150,32 +169,32 @@ def build(arch: str, dataset: str, batch_size: int, device: torch.device, *, bf1
 
     # The stages' configs: harp_prune as the CIFAR seed command configures it, its finetune, and pretrain.
     common = dict(arch=arch, dataset=info.name, num_classes=info.num_classes, k=K, alpha=ALPHA, stg_id="010_uni",
-                  gamma=GAMMA, lr=LR, momentum=MOMENTUM, wd=WD, seed=seed, epsilon=THREAT.eps,
-                  step_size=THREAT.step_size, num_steps=THREAT.steps)
+                  gamma=GAMMA, lr=LR, momentum=MOMENTUM, wd=WD, seed=seed, epsilon=threat.eps,
+                  step_size=threat.step_size, num_steps=threat.steps)
     configs = {mode: Config(exp_mode=mode, **common, **RECIPE_SWITCHES[mode]) for mode in RECIPE_SWITCHES}
     plain = build_model(configs["pretrain"], info, device, masked=False)
     frozen_w = copy.deepcopy(plain)     # plain layers, weights frozen: R2's denominator
     example = torch.zeros(1, *shape, device=device)
     forward_flops = sum(layer.flops for layer in inspect_layers(plain, example).layers.values())
-    pretrain = set_up_training(configs["pretrain"], RECIPES["pretrain"], plain, None, THREAT, device)
-    natural_loop = TRAINERS.get("base")(replace(configs["pretrain"], adv_loss="nat"), THREAT, device)
+    pretrain = set_up_training(configs["pretrain"], RECIPES["pretrain"], plain, None, threat, device)
+    natural_loop = TRAINERS.get("base")(replace(configs["pretrain"], adv_loss="nat"), threat, device)
     # harp_prune, as train.py sets it up (the pretrained weights, masked; magnitude scores, 010_uni rates, hw loss)
     masked = build_model(configs["harp_prune"], info, device, masked=True)
     load_weights(masked, plain.state_dict(), "the plain model", keep_pruning_state=False)
     prune_graph = inspect_masked(configs["harp_prune"], masked, info, device)
     init_pruning_state(configs["harp_prune"], RECIPES["harp_prune"], masked)
-    prune = set_up_training(configs["harp_prune"], RECIPES["harp_prune"], masked, prune_graph, THREAT, device)
+    prune = set_up_training(configs["harp_prune"], RECIPES["harp_prune"], masked, prune_graph, threat, device)
     for hook in prune.hooks.values():
         hook.before_epoch(0)            # gamma of the first epoch: gamma0
     set_trainable(frozen_w, weights=False, scores=False, rates=False, norm_layers=True)
     # finetune (train.py's order): the same masks, weights trainable, masks frozen (pruned weights zeroed once)
     finetune = copy.deepcopy(masked)
-    finetune_parts = set_up_training(configs["harp_finetune"], RECIPES["harp_finetune"], finetune, None, THREAT,
+    finetune_parts = set_up_training(configs["harp_finetune"], RECIPES["harp_finetune"], finetune, None, threat,
                                      device)
 
     for model in (plain, frozen_w, masked, finetune):
         model.to(memory_format=memory_format)
-    frozen_optimizer = make_optimizer(configs["pretrain"], [p for p in frozen_w.parameters() if p.requires_grad])
+    frozen_params = [p for p in frozen_w.parameters() if p.requires_grad]
 
     def wrapped(model):
         """(training model, attack model) as train.py wires them under --compile."""
@@ -191,15 +210,62 @@ def build(arch: str, dataset: str, batch_size: int, device: torch.device, *, bf1
                                    **flags),
         "pgd10_at": _train_step(pretrain.loop, plain_t, pretrain.optimizer, batch, device, attack_model=plain_a,
                                 **flags),
-        "pgd10_plain_frozen_w": _train_step(pretrain.loop, frozen_t, frozen_optimizer, batch, device,
-                                            attack_model=frozen_a, **flags),
         "pgd10_harp_prune": _train_step(prune.loop, masked_t, prune.optimizer, batch, device, attack_model=masked_a,
                                         regularizers=prune.regularizers.values(), **flags),
         "finetune_train": _train_step(finetune_parts.loop, finetune_t, finetune_parts.optimizer, batch, device,
                                       attack_model=finetune_a, **flags),
     }
+    if frozen_params:  # a model without norm layers has nothing to train under frozen weights: no R2
+        train_steps["pgd10_plain_frozen_w"] = _train_step(
+            pretrain.loop, frozen_t, make_optimizer(configs["pretrain"], frozen_params), batch, device,
+            attack_model=frozen_a, **flags)
+    counts = {name: batch_size for name in train_steps}
+    if _boundable(plain):
+        certified, certified_counts = certified_steps(configs["pretrain"], plain, pretrain.optimizer, batch, device,
+                                                      threat, **flags)
+        train_steps.update(certified)
+        counts.update(certified_counts)
     return {"info": info, "configs": configs, "shape": shape, "batch": batch, "plain": plain, "masked": masked,
-            "forward_flops": forward_flops, "train_steps": train_steps, "memory_format": memory_format}
+            "forward_flops": forward_flops, "train_steps": train_steps, "counts": counts,
+            "memory_format": memory_format}
+
+
+def _boundable(model: nn.Module) -> bool:
+    try:
+        bound_steps(model)
+    except UserError:
+        return False
+    return True
+
+
+def certified_steps(cfg: Config, model: nn.Module, optimizer, batch, device: torch.device, threat: ThreatModel,
+                    **flags) -> Tuple[Dict[str, Callable], Dict[str, int]]:
+    """The certified configurations of the module docstring, and the images each call processes."""
+    x, y = batch
+    steps = {
+        "smooth_train": _train_step(TRAINERS.get("smooth")(replace(cfg, trainer="smooth"), threat, device), model,
+                                    optimizer, batch, device, **flags),
+        # epoch 0 of a two-epoch ramp: beta = 1, the CROWN pass runs; no ramp: beta = 0, IBP alone
+        "crown_ibp_train": _train_step(TRAINERS.get("crown-ibp")(replace(cfg, trainer="crown-ibp", schedule_length=2),
+                                                                 threat, device), model, optimizer, batch, device,
+                                       **flags),
+        "ibp_train": _train_step(TRAINERS.get("crown-ibp")(replace(cfg, trainer="crown-ibp", schedule_length=0),
+                                                           threat, device), model, optimizer, batch, device, **flags),
+    }
+    points = (x[:SYMBOLIC_POINTS], y[:SYMBOLIC_POINTS])
+
+    def symbolic_train():
+        optimizer.zero_grad(set_to_none=True)
+        worst_case_loss(model, *points, eps=threat.eps, method=SYMBOLIC)[0].backward()
+
+    def verify(method: str, inputs, labels):
+        return lambda: verified(model, inputs, labels, eps=threat.eps, method=method)
+
+    steps.update(sym_train=symbolic_train, ibp_verify=verify(IBP, x, y), sym_verify=verify(SYMBOLIC, *points),
+                 crown_ibp_verify=verify(CROWN_IBP, x, y))
+    counts = {name: len(x) for name in steps}
+    counts.update(sym_train=len(points[0]), sym_verify=len(points[0]))
+    return steps, counts
 
 
 def export_models(built: Dict, arch: str, device: torch.device):
@@ -278,10 +344,13 @@ def interleaved(steps: Dict[str, Callable], *, warmup: int, repeats: int, device
 
 def run(arch: str = "vgg16_bn", dataset: str = "CIFAR10", batch_size: int = 32, device: str = "cpu", *,
         bf16: bool = False, channels_last: bool = False, compile: bool = False, warmup: int = 2, steps: int = 7,
-        forward_repeats: Optional[int] = None, matmul_probe: bool = True, seed: int = 0, compact: bool = True) -> Dict:
+        forward_repeats: Optional[int] = None, matmul_probe: bool = True, seed: int = 0, compact: bool = True,
+        epsilon: float = THREAT.eps) -> Dict:
     """Build every configuration, time it, and return the result dict that main() writes as JSON."""
     dev = torch.device(device)  # cudnn.benchmark is left as train.py leaves it (off)
-    built = build(arch, dataset, batch_size, dev, bf16=bf16, channels_last=channels_last, compile=compile, seed=seed)
+    threat = THREAT.with_(eps=epsilon, step_size=epsilon / 4) if epsilon != THREAT.eps else THREAT
+    built = build(arch, dataset, batch_size, dev, bf16=bf16, channels_last=channels_last, compile=compile, seed=seed,
+                  threat=threat)
     train_samples = interleaved(built["train_steps"], warmup=warmup, repeats=steps, device=dev)
 
     plain, masked, export = export_models(built, arch, dev)
@@ -293,13 +362,9 @@ def run(arch: str = "vgg16_bn", dataset: str = "CIFAR10", batch_size: int = 32, 
 
     samples = {**train_samples, **forward_samples}
     seconds = {name: statistics.median(values) for name, values in samples.items()}
-    ratios = {"R1": seconds["pgd10_at"] / seconds["plain_train"],
-              "R2": seconds["pgd10_harp_prune"] / seconds["pgd10_plain_frozen_w"],
-              "R3": seconds["finetune_train"] / seconds["plain_train"],
-              "R4": seconds["forward_dense_export"] / seconds["forward_plain"]}
+    pairs = {k: v for k, v in RATIOS.items() if all(name in seconds for name in v)}
+    ratios = {k: seconds[num] / seconds[den] for k, (num, den) in pairs.items()}
     # Diagnostic: the median over rounds of each round's own ratio (both sides timed in the same round).
-    pairs = {"R1": ("pgd10_at", "plain_train"), "R2": ("pgd10_harp_prune", "pgd10_plain_frozen_w"),
-             "R3": ("finetune_train", "plain_train"), "R4": ("forward_dense_export", "forward_plain")}
     paired = {k: statistics.median(a / b for a, b in zip(samples[num], samples[den])) for k, (num, den) in pairs.items()}
     info = built["info"]
     result = {
@@ -308,14 +373,15 @@ def run(arch: str = "vgg16_bn", dataset: str = "CIFAR10", batch_size: int = 32, 
         "num_classes": info.num_classes, "batch_size": batch_size, "bf16": bf16, "channels_last": channels_last,
         "compile": compile, "dtype": "bfloat16 autocast (training steps)" if bf16 else "float32",
         "eval_dtype": "float32", "warmup_rounds": warmup, "timed_rounds": steps,
-        "threat": {"eps": THREAT.eps, "step_size": THREAT.step_size, "steps": THREAT.steps},
+        "threat": {"eps": threat.eps, "step_size": threat.step_size, "steps": threat.steps},
         "harp_prune": {"k": K, "alpha": ALPHA, "start_keep": START_KEEP, "gamma": GAMMA, "prune_reg": "weight"},
         "forward_gflop_per_image": built["forward_flops"] / 1e9,
         "seconds": seconds, "samples": samples,
-        "images_per_s": {name: batch_size / s for name, s in seconds.items()},
+        "images_per_s": {name: built["counts"].get(name, batch_size) / s for name, s in seconds.items()},
         **ratios, "R4_max_abs_diff": max_abs_diff, "paired_round_ratios": paired,
         "thresholds_cpu": dict(THRESHOLDS),
-        "within_thresholds": {**{k: ratios[k] <= v for k, v in THRESHOLDS.items()}, "R4_max_abs_diff": max_abs_diff == 0},
+        "within_thresholds": {**{k: ratios[k] <= v for k, v in THRESHOLDS.items() if k in ratios},
+                              "R4_max_abs_diff": max_abs_diff == 0},
     }
     if compact:
         result["compact"] = compact_report(built, plain, x, warmup=warmup, repeats=forward_repeats or 3 * steps,
@@ -340,6 +406,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (>= 2)")
     parser.add_argument("--steps", type=int, default=7, help="timed rounds; each value is their median (>= 5)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epsilon", type=float, default=THREAT.eps, help="Linf eps of PGD and of the certified "
+                        f"configurations' bounds (default {THREAT.eps})")
     parser.add_argument("--no-compact", action="store_true", help="skip the compact channel export's speed-up")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -349,6 +417,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--steps must be >= 5 (the ratios are medians of at least 5 timed steps)")
     if args.batch_size < 1:
         parser.error("--batch-size must be positive")
+    if args.epsilon < 0:
+        parser.error("--epsilon must be >= 0")
     if args.arch not in list_models():
         parser.error(f"unknown --arch {args.arch!r}; choose one of: {', '.join(list_models())}")
     names = {n.lower(): n for n in dataset_names()}
@@ -368,7 +438,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     result = run(args.arch, args.dataset, args.batch_size, args.device, bf16=args.bf16,
                  channels_last=args.channels_last, compile=args.compile, warmup=args.warmup, steps=args.steps,
-                 seed=args.seed, compact=not args.no_compact)
+                 seed=args.seed, compact=not args.no_compact, epsilon=args.epsilon)
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
