@@ -9,7 +9,7 @@ ThreatModel(eps=0.031, step_size=0.0078, steps=10) or natural training; models a
 train.py builds each stage (build_model, init_pruning_state, set_up_training with the recipe's trainable
 parameters, hardware loss and frozen masks; pruning.wrap.dense_state_dict for the export).
 
-Configurations (the same random batch for all of them):
+Configurations (the same batch for all of them: uniform random images, or real test images with --data-dir):
   plain_train          plain nn layers, everything trainable, natural objective       (pretrain, no attack)
   pgd10_at             the same model, PGD-10 AT                                       (pretrain)
   pgd10_plain_frozen_w a copy with plain layers, conv/linear weights frozen, BN trainable, PGD-10 AT
@@ -20,14 +20,17 @@ Configurations (the same random batch for all of them):
   forward_dense_export eval forward of a fresh plain model loaded with dense_state_dict(masked model)
 
 Hydra's certified objectives, when the bounds can walk the model (a plain Sequential such as cifar_model), on the
-plain model at --epsilon (the bounds' cost grows with the unstable ReLUs, so a random model at the plan's eps is a
-pessimistic stand-in for a trained one):
+plain model at --epsilon. The bounds' cost grows with the unstable ReLUs, which depend on the images: give
+--data-dir for real test images (the batch of every configuration; MNIST's black background keeps many ReLUs of a
+random model unstable, uniform noise few); a random model is then a pessimistic stand-in for a trained one:
   smooth_train         --trainer smooth (Hydra's KL loss: a clean and a noisy forward)
   crown_ibp_train      --trainer crown-ibp while eps ramps (beta > 0: the CROWN pass and IBP)
   ibp_train            --trainer crown-ibp after the ramp (beta = 0: IBP only)
   sym_train            the symbolic-interval robust loss and its backward on SYMBOLIC_POINTS points (MixTrain's
                        extra term; its step adds 0.8 --mixtrain-k of these points to a plain step)
   ibp_verify, sym_verify, crown_ibp_verify   verified() on the batch (sym: on SYMBOLIC_POINTS points), as test.py
+  certify_draws        CERTIFY_DRAWS noisy copies of one image classified and counted as certify draws them (the
+                       cost of one draw: certify and PREDICT take N0 + 2N per point)
 
 Ratios (each a ratio of medians): R1 = pgd10_at / plain_train, R2 = pgd10_harp_prune / pgd10_plain_frozen_w,
 R3 = finetune_train / plain_train, R4 = forward_dense_export / forward_plain; R4_max_abs_diff = max |logits of
@@ -68,8 +71,10 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from configs.errors import UserError  # noqa: E402
 from configs.recipes import RECIPES  # noqa: E402
 from configs.schema import Config  # noqa: E402
+from data import build_data  # noqa: E402
 from data.info import dataset_info, dataset_names  # noqa: E402
 from models import list_models  # noqa: E402
 from pruning.compact import compact_model, count_macs  # noqa: E402
@@ -78,10 +83,11 @@ from pruning.loading import load_weights  # noqa: E402
 from pruning.trainable import set_trainable  # noqa: E402
 from pruning.wrap import RATE_KEY, SCORE_KEY, dense_state_dict, freeze_masks  # noqa: E402
 from stage import build_model, init_pruning_state, inspect_masked, make_optimizer, set_up_training  # noqa: E402
-from configs.errors import UserError  # noqa: E402
 from trainers.attacks.threat import ThreatModel  # noqa: E402
 from trainers.certify.bounds import CROWN_IBP, IBP, SYMBOLIC, bound_steps, verified, worst_case_loss  # noqa: E402
+from trainers.certify.smoothing import sample_counts  # noqa: E402
 from trainers.training import TRAINERS  # noqa: E402
+from utils.modes import eval_mode  # noqa: E402
 
 THREAT = ThreatModel(eps=0.031, step_size=0.0078, steps=10)
 # Switches that make each stage's config train as the configuration above describes.
@@ -99,8 +105,10 @@ K, ALPHA, START_KEEP, GAMMA = 0.01, 0.1, 0.10, 0.01
 LR, MOMENTUM, WD = 0.01, 0.9, 5e-4
 # Channel keep rate of the compact export (the AP benchmark's 50 % structured sparsity).
 COMPACT_K = 0.5
-# Points of the symbolic configurations (each costs hundreds of forwards).
+# Points of the symbolic configurations (each costs hundreds of forwards); noisy copies of certify_draws (its batch,
+# EvalSettings' certify_batch_size) at Hydra's sigma.
 SYMBOLIC_POINTS = 4
+CERTIFY_DRAWS, CERTIFY_SIGMA = 1000, 0.25
 
 
 def _sync(device: torch.device) -> None:
@@ -155,16 +163,28 @@ def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     return forward
 
 
+def benchmark_batch(info, batch_size: int, device: torch.device, data_dir: Optional[str] = None):
+    """The first `batch_size` test images of the dataset in data_dir, else uniform random images and labels."""
+    shape = (info.in_channels, info.image_size, info.image_size)
+    if data_dir is None:
+        return (torch.rand(batch_size, *shape, device=device),
+                torch.randint(0, info.num_classes, (batch_size,), device=device))
+    x, y = next(iter(build_data(info.name, data_dir=data_dir).test_batches(batch_size)))
+    if len(y) < batch_size:
+        raise UserError(f"--batch-size {batch_size}: the test set in {data_dir} has only {len(y)} images")
+    return x.to(device), y.to(device)
+
+
 def build(arch: str, dataset: str, batch_size: int, device: torch.device, *, bf16: bool = False,
-          channels_last: bool = False, compile: bool = False, seed: int = 0, threat: ThreatModel = THREAT) -> Dict:
+          channels_last: bool = False, compile: bool = False, seed: int = 0, threat: ThreatModel = THREAT,
+          data_dir: Optional[str] = None) -> Dict:
     """The models, one callable per configuration and the images each call processes (see the module
     docstring)."""
     info = dataset_info(dataset)
     torch.manual_seed(seed)
     shape = (info.in_channels, info.image_size, info.image_size)
-    x = torch.rand(batch_size, *shape, device=device)
-    y = torch.randint(0, info.num_classes, (batch_size,), device=device)
-    batch = (x, y)
+    batch = benchmark_batch(info, batch_size, device, data_dir)
+    x, y = batch
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     # The stages' configs: harp_prune as the CIFAR seed command configures it, its finetune, and pretrain.
@@ -253,18 +273,26 @@ def certified_steps(cfg: Config, model: nn.Module, optimizer, batch, device: tor
                                                            threat, device), model, optimizer, batch, device, **flags),
     }
     points = (x[:SYMBOLIC_POINTS], y[:SYMBOLIC_POINTS])
+    # The bounds' cost depends on the weights (unstable ReLUs): measured on a copy the training configurations, which
+    # fit the plain model to this very batch, never touch.
+    untrained = copy.deepcopy(model)
 
     def symbolic_train():
-        optimizer.zero_grad(set_to_none=True)
-        worst_case_loss(model, *points, eps=threat.eps, method=SYMBOLIC)[0].backward()
+        untrained.zero_grad(set_to_none=True)
+        worst_case_loss(untrained, *points, eps=threat.eps, method=SYMBOLIC)[0].backward()
 
     def verify(method: str, inputs, labels):
-        return lambda: verified(model, inputs, labels, eps=threat.eps, method=method)
+        return lambda: verified(untrained, inputs, labels, eps=threat.eps, method=method)
+
+    def certify_draws():
+        with eval_mode(untrained), torch.no_grad():
+            sample_counts(untrained, x[:1], sigma=CERTIFY_SIGMA, num=CERTIFY_DRAWS, batch_size=CERTIFY_DRAWS,
+                          num_classes=int(cfg.num_classes)).sum().item()  # the count reaches the host, as certify's
 
     steps.update(sym_train=symbolic_train, ibp_verify=verify(IBP, x, y), sym_verify=verify(SYMBOLIC, *points),
-                 crown_ibp_verify=verify(CROWN_IBP, x, y))
+                 crown_ibp_verify=verify(CROWN_IBP, x, y), certify_draws=certify_draws)
     counts = {name: len(x) for name in steps}
-    counts.update(sym_train=len(points[0]), sym_verify=len(points[0]))
+    counts.update(sym_train=len(points[0]), sym_verify=len(points[0]), certify_draws=CERTIFY_DRAWS)
     return steps, counts
 
 
@@ -345,12 +373,12 @@ def interleaved(steps: Dict[str, Callable], *, warmup: int, repeats: int, device
 def run(arch: str = "vgg16_bn", dataset: str = "CIFAR10", batch_size: int = 32, device: str = "cpu", *,
         bf16: bool = False, channels_last: bool = False, compile: bool = False, warmup: int = 2, steps: int = 7,
         forward_repeats: Optional[int] = None, matmul_probe: bool = True, seed: int = 0, compact: bool = True,
-        epsilon: float = THREAT.eps) -> Dict:
+        epsilon: float = THREAT.eps, data_dir: Optional[str] = None) -> Dict:
     """Build every configuration, time it, and return the result dict that main() writes as JSON."""
     dev = torch.device(device)  # cudnn.benchmark is left as train.py leaves it (off)
     threat = THREAT.with_(eps=epsilon, step_size=epsilon / 4) if epsilon != THREAT.eps else THREAT
     built = build(arch, dataset, batch_size, dev, bf16=bf16, channels_last=channels_last, compile=compile, seed=seed,
-                  threat=threat)
+                  threat=threat, data_dir=data_dir)
     train_samples = interleaved(built["train_steps"], warmup=warmup, repeats=steps, device=dev)
 
     plain, masked, export = export_models(built, arch, dev)
@@ -374,6 +402,7 @@ def run(arch: str = "vgg16_bn", dataset: str = "CIFAR10", batch_size: int = 32, 
         "compile": compile, "dtype": "bfloat16 autocast (training steps)" if bf16 else "float32",
         "eval_dtype": "float32", "warmup_rounds": warmup, "timed_rounds": steps,
         "threat": {"eps": threat.eps, "step_size": threat.step_size, "steps": threat.steps},
+        "images": "uniform random" if data_dir is None else f"the first test images in {data_dir}",
         "harp_prune": {"k": K, "alpha": ALPHA, "start_keep": START_KEEP, "gamma": GAMMA, "prune_reg": "weight"},
         "forward_gflop_per_image": built["forward_flops"] / 1e9,
         "seconds": seconds, "samples": samples,
@@ -408,6 +437,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epsilon", type=float, default=THREAT.eps, help="Linf eps of PGD and of the certified "
                         f"configurations' bounds (default {THREAT.eps})")
+    parser.add_argument("--data-dir", "--data_dir", default=None, help="the batch: the first test images of "
+                        "--dataset found here (default: uniform random images)")
     parser.add_argument("--no-compact", action="store_true", help="skip the compact channel export's speed-up")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -438,7 +469,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     result = run(args.arch, args.dataset, args.batch_size, args.device, bf16=args.bf16,
                  channels_last=args.channels_last, compile=args.compile, warmup=args.warmup, steps=args.steps,
-                 seed=args.seed, compact=not args.no_compact, epsilon=args.epsilon)
+                 seed=args.seed, compact=not args.no_compact, epsilon=args.epsilon, data_dir=args.data_dir)
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

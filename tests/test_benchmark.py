@@ -18,7 +18,7 @@ KEYS = {"R1", "R2", "R3", "R4", "R4_max_abs_diff", "images_per_s", "seconds", "s
 CONFIGS = {"plain_train", "pgd10_at", "pgd10_plain_frozen_w", "pgd10_harp_prune", "finetune_train", "forward_plain",
            "forward_dense_export"}
 CERTIFIED = {"smooth_train", "crown_ibp_train", "ibp_train", "sym_train", "ibp_verify", "sym_verify",
-             "crown_ibp_verify"}
+             "crown_ibp_verify", "certify_draws"}
 
 
 benchmark = load_entry_point(os.path.join("scripts", "benchmark.py"), "harp_benchmark")
@@ -52,7 +52,20 @@ def test_a_model_the_bounds_can_walk_also_times_the_certified_objectives():
     assert result["images_per_s"]["sym_verify"] == pytest.approx(benchmark.SYMBOLIC_POINTS /
                                                                  result["seconds"]["sym_verify"])
     assert result["images_per_s"]["ibp_verify"] == pytest.approx(8 / result["seconds"]["ibp_verify"])
+    assert result["images_per_s"]["certify_draws"] == pytest.approx(benchmark.CERTIFY_DRAWS /
+                                                                    result["seconds"]["certify_draws"])
     json.dumps(result)
+
+
+def test_data_dir_gives_the_benchmark_real_test_images(tmp_path):
+    info = benchmark.dataset_info("digits")
+    x, y = benchmark.benchmark_batch(info, 16, torch.device("cpu"), data_dir=str(tmp_path))
+    real_x, real_y = next(iter(benchmark.build_data("digits", data_dir="").test_batches(16)))
+    assert torch.equal(x, real_x) and torch.equal(y, real_y)
+    random_x, _ = benchmark.benchmark_batch(info, 16, torch.device("cpu"))
+    assert random_x.shape == x.shape and not torch.equal(random_x, x)
+    with pytest.raises(benchmark.UserError, match="only 360"):
+        benchmark.benchmark_batch(info, 400, torch.device("cpu"), data_dir=str(tmp_path))
 
 
 def test_configurations_are_set_up_as_train_py_sets_up_each_stage():

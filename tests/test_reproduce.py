@@ -511,7 +511,7 @@ def test_estimate_of_the_certified_objectives_follows_the_documented_formula(tmp
     bench = tmp_path / "bench.json"
     rates = {"plain_train": 1000.0, "pgd10_at": 100.0, "pgd10_harp_prune": 80.0, "forward_plain": 5000.0,
              "smooth_train": 500.0, "crown_ibp_train": 50.0, "ibp_train": 400.0, "sym_train": 4.0,
-             "ibp_verify": 2000.0, "sym_verify": 20.0, "crown_ibp_verify": 200.0}
+             "ibp_verify": 2000.0, "sym_verify": 20.0, "crown_ibp_verify": 200.0, "certify_draws": 4000.0}
     bench.write_text(json.dumps({"arch": "cifar_model", "input_shape": [1, 8, 8], "device": "cpu",
                                  "images_per_s": rates, "R3": 1.0}))
     benches = [estimate.load_bench(str(bench))]
@@ -522,6 +522,6 @@ def test_estimate_of_the_certified_objectives_follows_the_documented_formula(tmp
     assert seconds[("train", "crown-ibp")] == pytest.approx(1437 * (2 / 50 + 2 / 400) + 360 * (1 / 2000 + 1 / 5000))
     assert seconds[("train", "mixtrain")] == pytest.approx(train * (1 / 1000 + 0.8 * 2 / 4 / 50)
                                                            + 360 * (1 / 20 + 1 / 5000))
-    # 10 points: natural 1 + certify 10 + 2 * 100 forwards, then each bound's verification
-    test = 10 * ((1 + 210) / 5000 + 1 / 2000 + 1 / 20 + 1 / 200)
+    # 10 points: natural 1 forward, certify 10 + 2 * 100 draws, then each bound's verification
+    test = 10 * (1 / 5000 + 210 / 4000 + 1 / 2000 + 1 / 20 + 1 / 200)
     assert all(seconds[("test", trainer)] == pytest.approx(test) for trainer in ("smooth", "crown-ibp", "mixtrain"))

@@ -38,8 +38,9 @@ from utils.modes import eval_mode
 IBP, SYMBOLIC, CROWN_IBP = "ibp", "sym", "crown-ibp"
 METHODS = (IBP, SYMBOLIC, CROWN_IBP)
 Box = Tuple[torch.Tensor, torch.Tensor]  # (lower, upper), same shape
-# Points per symbolic pass: its generators hold (input elements + unstable ReLUs) x neurons values per point.
-SYMBOLIC_CHUNK = 16
+# Points per symbolic pass: its generators hold (input elements + unstable ReLUs) x neurons values per point
+# (MNIST cifar_model: up to 3920 x 3136 floats, 49 MB, per point at its first layer).
+SYMBOLIC_CHUNK = 8
 
 
 class Symbolic(NamedTuple):
