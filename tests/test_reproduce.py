@@ -127,6 +127,25 @@ def test_ap_benchmark_plan_is_the_benchmarks_protocol():
     assert all(s.cfg.attack_preset == "ap" and s.result.endswith("model_best_ap.json") for s in tests)
 
 
+def test_hydra_mnist_plan_tests_each_objective_with_its_own_measure():
+    graph = graph_of(os.path.join(PLANS, "hydra-mnist.yaml"))
+    assert {(c.objective, c.mode, c.k) for c in graph.cells} == {
+        (o, m, k) for o in ("pgd", "smooth", "mixtrain", "crown-ibp")
+        for m, k in (("pretrain", None), ("score_finetune", 0.1), ("score_finetune", 0.01))}
+    measures = {"pgd": ("natural,pgd50,autoattack", 1000), "smooth": ("natural,certify", 500),
+                "mixtrain": ("natural,ibp,sym,crown-ibp", 1000), "crown-ibp": ("natural,ibp,sym,crown-ibp", 1000)}
+    for cell in graph.cells:
+        test = graph.stages[cell.test].cfg
+        assert (test.attacks, test.n_examples) == measures[cell.objective]
+        assert test.dataset == "MNIST" and test.arch == "cifar_model"
+        if cell.objective == "smooth":
+            assert (test.noise_std, test.certify_n, test.certify_radii) == (0.25, 10000, [0.25, 0.5, 0.75])
+        else:
+            assert test.epsilon == 0.1
+    trains = [s.cfg for s in graph.stages.values() if s.kind == "train"]
+    assert len(trains) == 20 and {cfg.trainer for cfg in trains} == {"adv", "smooth", "mixtrain", "crown-ibp"}
+
+
 def test_seeds_get_their_own_subtrees_and_pretrains(tmp_path):
     graph = graph_of(write_plan(tmp_path, seeds=[1, 2], methods=["HARP"]))
     pretrains = [s for s in graph.stages.values() if s.mode == "pretrain"]
