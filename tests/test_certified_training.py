@@ -24,8 +24,7 @@ from trainers.attacks.threat import ThreatModel, threat_from_config
 from trainers.certified_training import CrownIBPLoop, SmoothingLoop
 from trainers.certify.bounds import crown_ibp_loss, crown_ibp_schedule, verification_sums, verified
 from trainers.certify.smoothing import ABSTAIN, smooth_loss, smoothed_validation
-from trainers.evaluation.certified import certify_settings
-from trainers.evaluation.registry import EvalSettings
+from trainers.evaluation.registry import EvalContext, EvalSettings, attack_options
 from trainers.evaluation.suite import run_suite
 from trainers.evaluation.validation import validate, validation_options
 from utils.run_dir import objective_component
@@ -221,9 +220,10 @@ def test_certified_accuracy_at_radius_zero_is_close_to_predicts_accuracy(smooth_
     path = os.path.join(root, "cifar_model", "digits", "smooth", "digits_weight_010_uni_0.1", "harp_finetune",
                         "checkpoint", "model_best.pth.tar")
     model.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
-    settings = EvalSettings(threat=threat_from_config(cfg), seed=cfg.seed, show_progress=False, **certify_settings(cfg))
+    settings = EvalSettings(threat=threat_from_config(cfg), seed=cfg.seed, show_progress=False)
     source = build_data("digits", data_dir="")
-    suite = run_suite(model.eval(), lambda: source.test_batches(512), ["natural", "certify"], settings)
+    suite = run_suite(model.eval(), lambda: source.test_batches(512), ["natural", "certify"], settings,
+                      options=attack_options(["certify"], cfg, EvalContext()))
     entry = suite["attacks"]["certify"]
     assert entry["n"] == 500 and suite["n"] == 360
     assert abs(entry["certified_accuracy"][0]["acc"] - entry["prediction_acc"]) <= 2.0
@@ -282,7 +282,7 @@ def test_verified_accuracy_never_exceeds_pgd_on_the_same_points(crown_runs):
 # ----------------------------------------------------------------------------------------------- entry-point wiring
 def test_train_validates_with_the_loops_measure_and_test_passes_the_certify_flags(crown_runs, smooth_runs):
     """train.py validates through validation_options (crown-ibp: IBP-verified accuracy, which is deterministic),
-    and test.py builds its EvalSettings with certify_settings (the --certify-* flags reach CERTIFY)."""
+    and test.py builds certify's options from its flags (the --certify-* flags reach CERTIFY)."""
     root, common, _ = crown_runs
     run = os.path.join(root, "cifar_model", "digits", "crown-ibp", "pretrain")
     cfg = resolve(*common, "--exp-mode", "pretrain")
