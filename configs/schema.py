@@ -173,7 +173,7 @@ class Config:
     channels_last: bool = opt(False, "channels_last memory format for training", "runtime", scope="train")
     compile: bool = opt(False, "torch.compile the model for training", "runtime", scope="train")
     # --- evaluation (test.py)
-    attacks: str = opt("all", "comma-separated attacks (or 'all')", "evaluation", scope="test")
+    attacks: str = opt("all", "comma-separated attacks (or 'all'; 'help' lists them)", "evaluation", scope="test")
     attack_preset: str = opt("standard", "standard: official AutoAttack settings; original: the HARP paper's torchattacks defaults; "
                              "ap: the Adversarial Pruning benchmark's protocol (AutoAttack at Linf 0.031 on the first 10,000 "
                              "test points, HO-FMN on points [2048, 2176), its counting and units)", "evaluation",

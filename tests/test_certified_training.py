@@ -23,13 +23,12 @@ from stage import build_model, option_choices
 from tests.conftest import load_entry_point, single_thread
 from trainers.attacks.threat import ThreatModel, threat_from_config
 from trainers.certified_training import CrownIBPLoop, SmoothingLoop
-from trainers.training import TRAINERS
 from trainers.certify.bounds import SYMBOLIC, crown_ibp_loss, crown_ibp_schedule, verification_sums, verified
 from trainers.certify.smoothing import ABSTAIN, smooth_loss, smoothed_validation
-from trainers.evaluation.certified import certify_settings
-from trainers.evaluation.registry import EvalSettings
+from trainers.evaluation.registry import EvalContext, EvalSettings, attack_options
 from trainers.evaluation.suite import run_suite
 from trainers.evaluation.validation import validate, validation_options
+from trainers.training import TRAINERS
 from utils.run_dir import objective_component
 
 test_py = load_entry_point("test.py", "harp_test_entry_certified")
@@ -241,9 +240,10 @@ def test_certified_accuracy_at_radius_zero_is_close_to_predicts_accuracy(smooth_
     path = os.path.join(root, "cifar_model", "digits", "smooth", "digits_weight_010_uni_0.1", "harp_finetune",
                         "checkpoint", "model_best.pth.tar")
     model.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
-    settings = EvalSettings(threat=threat_from_config(cfg), seed=cfg.seed, show_progress=False, **certify_settings(cfg))
+    settings = EvalSettings(threat=threat_from_config(cfg), seed=cfg.seed, show_progress=False)
     source = build_data("digits", data_dir="")
-    suite = run_suite(model.eval(), lambda: source.test_batches(512), ["natural", "certify"], settings)
+    suite = run_suite(model.eval(), lambda: source.test_batches(512), ["natural", "certify"], settings,
+                      options=attack_options(["certify"], cfg, EvalContext()))
     entry = suite["attacks"]["certify"]
     assert entry["n"] == 500 and suite["n"] == 360
     assert abs(entry["certified_accuracy"][0]["acc"] - entry["prediction_acc"]) <= 2.0
@@ -305,11 +305,24 @@ def test_verified_accuracy_never_exceeds_pgd_on_the_same_points(crown_runs):
 
 
 # ----------------------------------------------------------------------------------------------- entry-point wiring
-def test_train_validates_with_the_loops_measure_and_test_passes_the_certify_flags(crown_runs, mixtrain_runs,
-                                                                                  smooth_runs):
-    """train.py validates through validation_options (crown-ibp: IBP-verified accuracy, mixtrain: symbolic, both
-    deterministic), and test.py builds its EvalSettings with certify_settings (the --certify-* flags reach
-    CERTIFY)."""
+def test_mixtrain_validates_with_symbolic_verified_accuracy(mixtrain_runs):
+    """Its deterministic per-epoch measure, at the eps of --epsilon whatever the epoch's eps_t."""
+    root, common, _ = mixtrain_runs
+    run = os.path.join(root, "cifar_model", "digits", "mixtrain", "pretrain")
+    records = metrics(run)
+    assert [r["mixtrain_eps"] for r in records] == pytest.approx([0.0, 0.025, 0.05, 0.05])
+    cfg = resolve(*common, *MIXTRAIN_RAMP, "--exp-mode", "pretrain")
+    model = build_model(cfg, dataset_info("digits"), torch.device("cpu"), masked=False)
+    model.load_state_dict(torch.load(os.path.join(run, "checkpoint", "checkpoint.pth.tar"),
+                                     weights_only=True)["state_dict"])
+    source = build_data("digits", data_dir="")
+    flags = torch.cat([verified(model, x, y, eps=0.05, method=SYMBOLIC) for x, y in source.test_batches(512)])
+    assert records[-1]["robust_acc"] == pytest.approx(100.0 * int(flags.sum()) / len(flags), abs=1e-6)
+
+
+def test_train_validates_with_the_loops_measure_and_test_passes_the_certify_flags(crown_runs, smooth_runs):
+    """train.py validates through validation_options (crown-ibp: IBP-verified accuracy, which is deterministic),
+    and test.py builds certify's options from its flags (the --certify-* flags reach CERTIFY)."""
     root, common, _ = crown_runs
     run = os.path.join(root, "cifar_model", "digits", "crown-ibp", "pretrain")
     cfg = resolve(*common, "--exp-mode", "pretrain")
@@ -319,17 +332,6 @@ def test_train_validates_with_the_loops_measure_and_test_passes_the_certify_flag
     source = build_data("digits", data_dir="")
     flags = torch.cat([verified(model, x, y, eps=0.05) for x, y in source.test_batches(512)])
     assert metrics(run)[-1]["robust_acc"] == pytest.approx(100.0 * float(flags.float().mean()), abs=1e-6)
-
-    root, common, _ = mixtrain_runs  # MixTrain validates with symbolic-verified accuracy
-    run = os.path.join(root, "cifar_model", "digits", "mixtrain", "pretrain")
-    records = metrics(run)
-    assert [r["mixtrain_eps"] for r in records] == pytest.approx([0.0, 0.025, 0.05, 0.05])
-    cfg = resolve(*common, *MIXTRAIN_RAMP, "--exp-mode", "pretrain")
-    model = build_model(cfg, dataset_info("digits"), torch.device("cpu"), masked=False)
-    model.load_state_dict(torch.load(os.path.join(run, "checkpoint", "checkpoint.pth.tar"),
-                                     weights_only=True)["state_dict"])
-    flags = torch.cat([verified(model, x, y, eps=0.05, method=SYMBOLIC) for x, y in source.test_batches(512)])
-    assert records[-1]["robust_acc"] == pytest.approx(100.0 * int(flags.sum()) / len(flags), abs=1e-6)
 
     root, _, evaluate = smooth_runs
     results = os.path.join(root, "certify_flags.json")

@@ -40,7 +40,8 @@ def smoothing_kl(model, attack_model, x, y, settings: ObjectiveSettings) -> Tupl
 
 
 def gaussian_augmentation(model, attack_model, x, y, settings: ObjectiveSettings) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cohen et al.'s noise augmentation (trainers.certify.smoothing.gaussian_augmentation_loss); returns the noisy logits."""
+    """Cohen et al.'s noise augmentation (trainers.certify.smoothing.gaussian_augmentation_loss); returns the noisy
+    logits."""
     return gaussian_augmentation_loss(model, x, y, sigma=settings.noise_std)
 
 

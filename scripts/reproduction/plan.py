@@ -46,8 +46,8 @@ from configs.cli import resolve_config
 from configs.errors import UserError
 from configs.recipes import RECIPES, STAGES, canonical_mode
 from configs.schema import DATASETS, FLAG, FLOATS, OPTION_BY_NAME, TRISTATE, Config
-from utils.run_dir import checkpoint_path, checkpoint_stem, eval_dir_for, objective_component, run_dir, \
-    source_checkpoint
+from trainers.evaluation.report import result_path
+from utils.run_dir import checkpoint_path, objective_component, run_dir, source_checkpoint
 
 TRAIN, TEST = "train", "test"
 SCRIPTS = {TRAIN: "train.py", TEST: "test.py"}
@@ -428,8 +428,7 @@ def _stage(graph: Graph, choices, kind: str, mode: str, point: GridPoint, granul
             raise UserError(f"plan {plan.path}: the test of {label} would read {directory}, but its run is "
                             f"{previous.run_dir}; set options that name a run (stg_id) for train and test alike")
         checkpoint = checkpoint_path(directory, cfg.checkpoint)
-        # test.py's result file: <run dir>/eval/<checkpoint stem>_<attack preset>.json
-        result = os.path.join(eval_dir_for(checkpoint), f"{checkpoint_stem(checkpoint)}_{cfg.attack_preset}.json")
+        result = result_path(checkpoint, cfg.attack_preset)
         result = result if os.path.isabs(directory) else os.path.relpath(result)  # as the run directory is given
         stage = Stage(f"{TEST}/{os.path.relpath(result, plan.result_dir)}", kind, mode, TEST, f"test {label}",
                       tuple(argv), cfg, directory, (previous.key,), result, checkpoint)

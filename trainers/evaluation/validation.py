@@ -62,7 +62,8 @@ def validation_attack(model: nn.Module, name: Optional[str], threat: ThreatModel
     """The registered attack `name` run under `threat` as configured (None: natural accuracy only)."""
     if name is None:
         return None
-    return attack(name).make(model, EvalSettings(threat=threat))
+    spec = attack(name)
+    return spec.make(model, EvalSettings(threat=threat), spec.options())
 
 
 def validate(model: nn.Module, batches: Iterable, *, attack_name: Optional[str], threat: ThreatModel,
