@@ -1,8 +1,10 @@
 """Stage set-up: the one place that wires data, a model, its masks and the training parts together from a resolved
-Config and its recipe (configs/recipes.py). train.py, test.py and scripts/benchmark.py all build through here.
+Config and its recipe (configs/recipes.py). train.py, test.py and scripts/benchmark.py all build through here;
+test.py also adopts the config stored in the checkpoint it evaluates, or infers what a foreign checkpoint is.
 
 Layer 5 like the entry points (it may import every package); library packages never import it.
 """
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -11,9 +13,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from configs.cli import preset_path, resolve_config
 from configs.errors import UserError
-from configs.recipes import (MASKS_GATES, RATES, RATES_FROM_MASKS, SCORES, SCORES_FROM_SOURCE, WEIGHTS, Recipe,
-                             effective_recipe)
+from configs.recipes import (MASKS_GATES, RATES, RATES_FROM_MASKS, RECIPES, SCORES, SCORES_FROM_SOURCE, WEIGHTS,
+                             Recipe, effective_recipe, mode_of_foreign_checkpoint)
 from configs.recipes import recipe as mode_recipe
 from data import DataSource, build_data
 from models import create_model
@@ -27,6 +30,7 @@ from pruning.trainable import set_trainable
 from pruning.wrap import freeze_masks, masked_layers, sparsify
 from strategies.files import split_file_strategy
 from strategies.start import start_rates
+from trainers.attacks.threat import LINF, ThreatModel, threat_from_config
 from trainers.evaluation.registry import NATURAL, attack_names, validation_attack_names
 from trainers.objectives import OBJECTIVES
 from trainers.protocols import EpochHook, Stateful, TrainingLoop
@@ -269,3 +273,112 @@ def build_stage(cfg, info, device: torch.device, threat, *, source: Optional[Sou
     if resume is not None:
         parts.load_state_dict(resume.ckpt)
     return Stage(model, parts, CostModel(model, graph, cfg.prune_reg, cfg.k) if graph is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------- evaluated checkpoints
+# What defines the model: taken from the config stored in one of our checkpoints.
+MODEL_KEYS = ("arch", "dataset", "num_classes", "normalize", "mean", "std", "init_type", "prune_reg", "k", "alpha",
+              "exp_mode", "stg_id", "image_dim", "trainer", "adv_loss", "exp_name")
+# Given explicitly, these must agree with the stored config (k, alpha and prune_reg only for masked modes).
+CHECKED_KEYS = ("arch", "dataset", "exp_mode", "prune_reg", "k", "alpha")
+
+
+def explicit(sources: Dict[str, str], cfg, key: str) -> bool:
+    """Set by the user (command line or their --configs file), not by a default or the dataset preset."""
+    source = sources.get(key, "default")
+    return source == "command line" or bool(cfg.configs and source.startswith(cfg.configs))
+
+
+def adopt_checkpoint(argv: List[str], cfg, sources: Dict[str, str], ckpt: Dict, path: str) -> Tuple[object, Dict]:
+    """test.py's config for the checkpoint it evaluates: one of ours is described by the config stored in it,
+    another one (original HARP/Hydra code, a bare state_dict) by the flags, with what its scores tell."""
+    if isinstance(ckpt.get("config"), dict):
+        return adopt_stored_config(argv, cfg, sources, ckpt, path)
+    return describe_foreign(cfg, sources, state_dict_of(ckpt, path), path), sources
+
+
+def adopt_stored_config(argv: List[str], cfg, sources: Dict[str, str], ckpt: Dict, path: str) -> Tuple[object, Dict]:
+    """For one of our checkpoints, the model is described by the config stored in it, not by the flags.
+
+    A flag given explicitly that contradicts it is an error. If the stored dataset differs from an implicit
+    one (--source-net without --dataset), the config is resolved again for that dataset so its preset
+    (eps, step size, batch size) applies.
+    """
+    stored = ckpt["config"]
+    masked = RECIPES.get(stored.get("exp_mode"), RECIPES["pretrain"]).masked
+    for key in CHECKED_KEYS:
+        if key in ("prune_reg", "k", "alpha") and not masked:
+            continue
+        if key in stored and stored[key] != getattr(cfg, key) and explicit(sources, cfg, key):
+            raise UserError(f"checkpoint {path} was trained with {key} {stored[key]!r}, not {getattr(cfg, key)!r} "
+                            f"(drop --{key.replace('_', '-')} to use the checkpoint's own)")
+    if stored.get("dataset") and stored["dataset"] != cfg.dataset:
+        cfg, sources = resolve_config(argv + ["--dataset", stored["dataset"]], "test", "test.py",
+                                      choices=option_choices())
+    changes = {k: stored[k] for k in MODEL_KEYS if k in stored and k in cfg.__dataclass_fields__}
+    return dataclasses.replace(cfg, **changes), sources
+
+
+def describe_foreign(cfg, sources: Dict[str, str], state: Dict, path: str):
+    """A checkpoint without a stored config: the flags describe it; the granularity and a missing --exp-mode are
+    inferred from the scores."""
+    contents = describe_state(state)
+    changes = {}
+    if contents.has_scores:
+        if contents.granularity != cfg.prune_reg:
+            if explicit(sources, cfg, "prune_reg"):
+                raise UserError(f"checkpoint {path} holds {contents.granularity}-granularity scores, not --prune-reg "
+                                f"{cfg.prune_reg}")
+            changes["prune_reg"] = contents.granularity
+            log.info("scores in %s have %s granularity", path, contents.granularity)
+        if not RECIPES[cfg.exp_mode].masked:
+            mode = mode_of_foreign_checkpoint(contents.has_rates)
+            if explicit(sources, cfg, "exp_mode"):
+                raise UserError(f"checkpoint {path} holds pruning scores; --exp-mode {cfg.exp_mode} describes a dense "
+                                f"model (use e.g. --exp-mode {mode})")
+            changes["exp_mode"] = mode
+            log.info("no --exp-mode given: labelling this pruned checkpoint %s", mode)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+@dataclass(frozen=True)
+class CheckpointKind:
+    """What test.py evaluates: one of our checkpoints (with its config) or an external one, masked or plain."""
+    own: bool
+    masked: bool
+
+    @property
+    def label(self) -> str:
+        return ("toolkit" if self.own else "external") + (" (masked)" if self.masked else " (plain weights)")
+
+
+def checkpoint_kind(ckpt: Dict, path: str) -> CheckpointKind:
+    return CheckpointKind(own=isinstance(ckpt.get("config"), dict),
+                          masked=describe_state(state_dict_of(ckpt, path)).has_scores)
+
+
+def build_evaluated_model(cfg, info, ckpt: Dict, path: str, device: torch.device) -> nn.Module:
+    """The evaluated model (fp32, masks frozen, eval mode): masked when the checkpoint carries scores, else plain."""
+    masked = describe_state(state_dict_of(ckpt, path)).has_scores
+    if masked and cfg.k is None:
+        raise UserError(f"checkpoint {path} holds pruning scores but no config: pass --k (and --alpha) as in training")
+    model = build_model(cfg, info, device, masked=masked).float()
+    fit_checkpoint(model, ckpt, path, keep_pruning_state=True, k=cfg.k)
+    if masked:
+        freeze_masks(model)
+    model.eval()
+    return model
+
+
+def evaluation_threat(cfg, sources: Dict[str, str]) -> ThreatModel:
+    """test.py's threat model: the configured one; an L2 one steps eps/4 unless --step-size is given (the presets'
+    step sizes are Linf ones), with a warning when its eps also comes from a Linf preset."""
+    threat = threat_from_config(cfg)
+    if threat.norm == LINF:
+        return threat
+    if not explicit(sources, cfg, "step_size"):
+        threat = threat.with_(step_size=cfg.epsilon / 4)
+    if not explicit(sources, cfg, "epsilon"):
+        log.warning("--distance l_2 with eps %g from %s, which is a Linf budget; pass --epsilon "
+                    "(0.5 is the usual L2 budget on CIFAR-10)", cfg.epsilon, os.path.relpath(preset_path(cfg.dataset)))
+    return threat

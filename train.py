@@ -27,9 +27,9 @@ from stage import (Source, build_stage, build_stage_model, load_checkpoint_into,
                    recipe_source)
 from strategies import parse_strategy_id
 from strategies.files import keep_rates_from_sparsity, save_strategies, split_file_strategy
+from trainers.attacks.threat import threat_from_config
 from trainers.evaluation.scoring import accuracies
 from trainers.evaluation.validation import validate, validation_options
-from trainers.threat import threat_from_config
 from utils.checkpoint import FORMAT_VERSION, load_checkpoint, save_atomic
 from utils.device import resolve_device
 from utils.distributed import DistContext, all_reduce_sums, barrier, broadcast_flag, init_distributed, shutdown

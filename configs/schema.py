@@ -110,7 +110,8 @@ class Config:
     workers: Optional[int] = opt(None, "DataLoader worker processes for ImageNet (default min(8, CPUs))", "data", check=_non_negative, check_text=">= 0")
     # --- training
     trainer: str = opt("adv", "training loop: base (natural), adv (adversarial, see --adv-loss), freeadv (Free-AT), "
-                       "fast (Fast-AT), smooth (randomized smoothing), crown-ibp (verifiable training)", "training")
+                       "fast (Fast-AT), smooth (randomized smoothing), crown-ibp and mixtrain (verifiable training)",
+                       "training")
     adv_loss: str = opt("pgd", "adversarial training objective", "training")
     epochs: int = opt(100, "training epochs (Free-AT: each epoch replays every batch --n-repeats times)", "training",
                       check=_positive, check_text=">= 1", scope="train")
@@ -134,19 +135,27 @@ class Config:
                               "counts as a collapse for --overfit-guard", "training", check=_positive, check_text="> 0", scope="train")
     val_method: str = opt("adv", "per-epoch validation: base (natural only), adv/freeadv (natural + the loop's robust "
                           "measure: --attack_eval, smoothed accuracy under --trainer smooth, IBP-verified accuracy under "
-                          "crown-ibp), smooth (smoothed classifier, 10 noise draws), ibp (IBP-verified at --epsilon)",
-                          "training", choices=("base", "adv", "freeadv", "smooth", "ibp"))
+                          "crown-ibp, symbolic-verified under mixtrain), smooth (smoothed classifier, 10 noise draws), "
+                          "ibp / sym (verified at --epsilon by IBP / symbolic intervals)",
+                          "training", choices=("base", "adv", "freeadv", "smooth", "ibp", "sym"))
     attack_eval: str = opt("pgd", "attack used by per-epoch validation", "training", scope="train")
     noise_std: float = opt(0.25, "randomized smoothing: std of the Gaussian noise on [0, 1] inputs (--trainer smooth, "
                            "--val-method smooth, test.py's certify)", "training", check=_positive, check_text="> 0")
     smooth_loss: str = opt("kl", "--trainer smooth's loss: kl (Hydra: CE + beta * KL(clean || noisy)) or gaussian "
                            "(Cohen et al.: CE on noisy inputs)", "training", choices=("kl", "gaussian"), scope="train")
-    schedule_length: int = opt(0, "CROWN-IBP: epochs over which eps ramps from --starting-epsilon to --epsilon (0, 1: "
-                               "none)", "training", check=_non_negative, check_text=">= 0", scope="train")
-    schedule_start: int = opt(0, "CROWN-IBP: epoch at which the eps ramp starts", "training", check=_non_negative,
-                              check_text=">= 0", scope="train")
-    starting_epsilon: float = opt(0.0, "CROWN-IBP: eps at the start of the ramp", "training", check=_non_negative,
-                                  check_text=">= 0", scope="train")
+    schedule_length: int = opt(0, "CROWN-IBP, MixTrain: epochs over which eps ramps from --starting-epsilon to "
+                               "--epsilon (CROWN-IBP: per step, 0 and 1 mean none; MixTrain: per epoch, Hydra's "
+                               "first epochs at --starting-epsilon, 0 means none)", "training", check=_non_negative,
+                               check_text=">= 0", scope="train")
+    schedule_start: int = opt(0, "CROWN-IBP, MixTrain: epoch at which the eps ramp starts", "training",
+                              check=_non_negative, check_text=">= 0", scope="train")
+    starting_epsilon: float = opt(0.0, "CROWN-IBP, MixTrain: eps at the start of the ramp", "training",
+                                  check=_non_negative, check_text=">= 0", scope="train")
+    mixtrain_k: int = opt(1, "MixTrain: points drawn (with replacement) from a batch for the symbolic robust loss "
+                          "(Hydra's --mixtraink)", "training", check=_positive, check_text=">= 1", scope="train")
+    interval_weight: float = opt(0.1, "MixTrain: weight of the symbolic robust loss, x2.5 every 5 epochs after the "
+                                 "eps ramp, at most 50", "training", check=_non_negative, check_text=">= 0",
+                                 scope="train")
     val_every: int = opt(1, "validate every N epochs (and always after the last)", "training", check=_positive, check_text=">= 1", scope="train")
     # --- threat model (training, validation and the default of test.py)
     epsilon: float = opt(8 / 255, "perturbation budget", "attack", check=_non_negative, check_text=">= 0")
@@ -169,7 +178,7 @@ class Config:
     tensorboard: bool = opt(False, "also write each epoch's metrics as TensorBoard scalars to <run>/tensorboard "
                             "(needs the tensorboard package)", "runtime", scope="train")
     # --- evaluation (test.py)
-    attacks: str = opt("all", "comma-separated attacks (or 'all')", "evaluation", scope="test")
+    attacks: str = opt("all", "comma-separated attacks (or 'all'; 'help' lists them)", "evaluation", scope="test")
     attack_preset: str = opt("standard", "standard: official AutoAttack settings; original: the HARP paper's torchattacks defaults; "
                              "ap: the Adversarial Pruning benchmark's protocol (AutoAttack at Linf 0.031 on the first 10,000 "
                              "test points, HO-FMN on points [2048, 2176), its counting and units)", "evaluation",

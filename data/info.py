@@ -1,10 +1,13 @@
-"""Static facts about each dataset: canonical names, class counts, input shape, normalisation constants."""
+"""Static facts about each dataset: canonical names, class counts, input shape, normalisation constants, and the
+evaluation policy that follows from them (balanced accuracy, AutoAttack's batch of survivors)."""
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
 from configs.errors import UserError
 
 DEFAULT_IMAGENET_DIM = 224
+AUTOATTACK_GPU_BATCH = 1000
+AUTOATTACK_GPU_MAX_SIDE = 64  # larger images (ImageNet) keep the evaluation batch: 1000 of them may not fit
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,13 @@ class DatasetInfo:
     image_size: int  # side of the square model input
     mean: tuple
     std: tuple
+    balanced_accuracy: bool = False  # evaluations and tables also report balanced accuracy (SVHN, as the paper)
+
+    def autoattack_batch_size(self, on_gpu: bool, fallback: int) -> int:
+        """Survivors per AutoAttack batch: official AutoAttack's 1000 on a GPU for images up to
+        AUTOATTACK_GPU_MAX_SIDE pixels (Square's sequential queries want large batches), else `fallback` (the
+        evaluation batch)."""
+        return AUTOATTACK_GPU_BATCH if on_gpu and self.image_size <= AUTOATTACK_GPU_MAX_SIDE else fallback
 
 
 # Order is the order of dataset_names() and of the choices listed in error messages.
@@ -31,7 +41,7 @@ _INFOS: Dict[str, DatasetInfo] = {
         DatasetInfo("CIFAR100", 100, 3, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
         DatasetInfo(
             "SVHN", 10, 3, 32,
-            (0.43090966, 0.4302428, 0.44634357), (0.19759192, 0.20029082, 0.19811132),
+            (0.43090966, 0.4302428, 0.44634357), (0.19759192, 0.20029082, 0.19811132), balanced_accuracy=True,
         ),
         DatasetInfo("MNIST", 10, 1, 28, (0.1307,), (0.3081,)),
         # num_classes is the ILSVRC-2012 count; a built source reports the class folders it found.

@@ -1,7 +1,7 @@
 """Hydra's small verifiable CNNs `cifar_model` and `cifar_model_large` (inspire-group/hydra, models/basic.py;
 from Wong et al. 2018 / Zhang et al. CROWN-IBP), used with its MixTrain and CROWN-IBP trainers on SVHN.
 
-Plain nn.Sequential of conv / ReLU / Flatten / linear (no BN, no pooling) so trainers/bounds.py can bound
+Plain nn.Sequential of conv / ReLU / Flatten / linear (no BN, no pooling) so trainers/certify/bounds.py can bound
 them. Layer indices and parameter names are Hydra's ('0.weight', '2.weight', '5.weight', '7.weight', ...),
 so its checkpoints load.
 
@@ -12,7 +12,7 @@ Hydra's `mnist_model` layout). A mismatched input raises a UserError naming both
 
 Normalisation: `normalize` (an InputNormalize) becomes the Sequential's first child, named 'normalize'
 (nn.Identity when off). Its buffers are non-persistent, so the state-dict keys stay Hydra's, and
-trainers/bounds.py bounds (x - mean) / std exactly, so the bound computation is unaffected.
+trainers/certify/bounds.py bounds (x - mean) / std exactly, so the bound computation is unaffected.
 """
 from collections import OrderedDict
 from typing import List, Optional, Tuple

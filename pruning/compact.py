@@ -23,7 +23,6 @@ Weight granularity (`save_sparse_checkpoint`): zeros are stored implicitly as de
 narrowest integer type that holds the largest gap) plus the kept values, in a file `torch.load(...,
 weights_only=True)` reads.
 """
-import contextlib
 import copy
 import logging
 import math
@@ -42,6 +41,7 @@ from pruning.layers import WEIGHT, MaskedMixin
 from pruning.wrap import RATE_KEY, SCORE_KEY, dense_state_dict, masked_layers
 from utils.atomic import atomic_write
 from utils.checkpoint import load_checkpoint, save_atomic
+from utils.modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def compact_model(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
     if weight_masked:
         raise UserError(f"compact_model needs channel-granular masks, but {weight_masked[0]} is weight-granular "
                         "(weight-pruned models shrink with save_sparse_checkpoint instead)")
-    with _evaluating(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         compact = _trace(model)
         ShapeProp(compact).propagate(example_input)
         folded = dense_state_dict(model)
@@ -107,7 +107,7 @@ def save_compact(model: nn.Module, example_input: torch.Tensor, path: str, *, to
     if still_masked:
         raise UserError(f"save_compact needs a plain model, but {still_masked[0][0]} is masked "
                         "(call pruning.compact.compact_model first)")
-    with _evaluating(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         if torchscript:
             program = torch.jit.trace(model, example_input)
             atomic_write(path, lambda fh: torch.jit.save(program, fh), binary=True)
@@ -118,18 +118,6 @@ def save_compact(model: nn.Module, example_input: torch.Tensor, path: str, *, to
 
 
 # ---------------------------------------------------------------------------------------------- tracing
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module):
-    """Eval mode for the duration (BN must not update its statistics), then every module's own mode back."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.train(training)
 
 
 class _MaskedLeafTracer(fx.Tracer):

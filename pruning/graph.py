@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from pruning.wrap import prunable_layers
+from utils.modes import eval_mode
 
 
 @dataclass
@@ -45,16 +46,12 @@ def inspect_layers(model: nn.Module, example: torch.Tensor) -> LayerGraph:
         return fn
 
     handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             model(example.detach().clone().requires_grad_(True))
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.train(training)
 
     for name, x in inputs.items():
         for producer in _producers(x.grad_fn, outputs_by_node):

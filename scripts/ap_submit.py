@@ -22,7 +22,6 @@ Architectures: resnet18 (R18) and vgg16_bn (V16), 10 classes, no in-model normal
 """
 import argparse
 import dataclasses
-import json
 import os
 import pickle
 import re
@@ -41,14 +40,15 @@ from configs.errors import UserError  # noqa: E402
 from configs.schema import Config  # noqa: E402
 from data.info import dataset_info  # noqa: E402
 from models import create_model  # noqa: E402
-from pruning.loading import describe_state  # noqa: E402
-from pruning.wrap import dense_state_dict, freeze_masks  # noqa: E402
-from stage import build_model, fit_checkpoint  # noqa: E402
+from pruning.wrap import dense_state_dict  # noqa: E402
+from stage import build_evaluated_model  # noqa: E402
 from trainers.evaluation.ap_protocol import AP_PRESET  # noqa: E402
 from trainers.evaluation.minimum_norm import counted_distances, read_distances, resolve_distances_file  # noqa: E402
+from trainers.evaluation.report import read_result  # noqa: E402
+from trainers.evaluation.report import result_path as ap_result_file  # noqa: E402
 from utils.atomic import atomic_write  # noqa: E402
-from utils.checkpoint import load_checkpoint, save_atomic, state_dict_of  # noqa: E402
-from utils.run_dir import checkpoint_stem, eval_dir_for  # noqa: E402
+from utils.checkpoint import load_checkpoint, save_atomic  # noqa: E402
+from utils.run_dir import eval_dir_for  # noqa: E402
 
 ARCH_CODES = {"resnet18": "R18", "vgg16_bn": "V16"}
 BASE_MODELS = {"resnet18": "base_resnet18.resnet18()", "vgg16_bn": "base_vgg16.vgg16_bn()"}
@@ -115,12 +115,7 @@ def evaluated_model(path: str) -> Tuple[nn.Module, Config]:
     cfg = _stored_config(ckpt, path)
     info = dataset_info(cfg.dataset)
     cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or info.num_classes)
-    masked = describe_state(state_dict_of(ckpt, path)).has_scores
-    model = build_model(cfg, info, torch.device("cpu"), masked=masked).float()
-    fit_checkpoint(model, ckpt, path, keep_pruning_state=True, k=cfg.k)
-    if masked:
-        freeze_masks(model)
-    return model.eval(), cfg
+    return build_evaluated_model(cfg, info, ckpt, path, torch.device("cpu")), cfg
 
 
 def benchmark_state_dict(model: nn.Module, cfg: Config) -> Dict[str, torch.Tensor]:
@@ -141,16 +136,11 @@ def benchmark_state_dict(model: nn.Module, cfg: Config) -> Dict[str, torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------- the numbers
-def ap_result_path(checkpoint: str) -> str:
-    return os.path.join(eval_dir_for(checkpoint), f"{checkpoint_stem(checkpoint)}_{AP_PRESET}.json")
-
-
 def load_ap_result(path: str, checkpoint: str, explicit: bool) -> Dict:
     if not os.path.isfile(path):
         raise UserError(f"no AP evaluation of {checkpoint} at {path}; run python test.py --source-net {checkpoint} "
                         f"--attack-preset {AP_PRESET} first")
-    with open(path) as fh:
-        result = json.load(fh)
+    result = read_result(path, complete=True)
     if result.get("preset") != AP_PRESET or "protocol" not in result:
         raise UserError(f"{path} is not a test.py --attack-preset {AP_PRESET} result")
     if explicit and os.path.abspath(result.get("checkpoint", "")) != os.path.abspath(checkpoint):
@@ -196,7 +186,7 @@ def submit(checkpoint: str, ap_method: str, output: Optional[str] = None, result
     model, cfg = evaluated_model(checkpoint)
     key = model_key(ap_method, cfg.arch, cfg.dataset, cfg.prune_reg, sparsity_label(cfg.k, sparsity))
     state = benchmark_state_dict(model, cfg)
-    result_file = result_path or ap_result_path(checkpoint)
+    result_file = result_path or ap_result_file(checkpoint, AP_PRESET)
     result = load_ap_result(result_file, checkpoint, explicit=result_path is not None)
     distances = benchmark_distances(result_file, result)
     folder = output or os.path.join(os.path.dirname(eval_dir_for(checkpoint)), "ap_submission")

@@ -35,7 +35,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from configs.recipes import DENSE_METHOD, METHODS  # noqa: E402
-from scripts.results import Cell, TableError, collect_cells, find_results, load_cells  # noqa: E402
+from scripts.results import Cell, TableError, balanced_metric, collect_cells, find_results, load_cells  # noqa: E402
 
 METHOD_ORDER = METHODS
 GRANULARITY_ORDER = ("weight", "channel")
@@ -114,7 +114,7 @@ def _row_cells(table: Table, row: Row, show_sparsity: bool) -> List[str]:
 
 
 def caption(table: Table, attack: str, preset: str, metric: str) -> str:
-    balanced = metric == "balanced" or (metric == "auto" and table.dataset == "SVHN")
+    balanced = balanced_metric(metric, table.dataset)
     what = "balanced accuracy" if balanced else "accuracy"
     if table.value == "median_distance":
         return (f"{table.dataset}: natural {what} (%) / median minimal distance of {attack} (clean-correct points; "

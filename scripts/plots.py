@@ -18,7 +18,6 @@ security-curve: robust accuracy against eps of result JSONs: from FMN's per-poin
     robust accuracy at its threat model's eps (FMN's where it ran); a dotted vertical line marks that eps.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -42,20 +41,21 @@ PlotError = TableError
 
 
 # ----------------------------------------------------------------------------------------------- keep rates
-def _load_json(path: str) -> Dict:
+def _load_result(path: str) -> Dict:
+    """A test.py result JSON through its reader (trainers/evaluation/report.py), which knows its format."""
+    from configs.errors import UserError
+    from trainers.evaluation.report import read_result
+
     try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError) as err:
-        raise PlotError(f"cannot read {path}: {err}") from None
+        return read_result(path)
+    except UserError as err:
+        raise PlotError(str(err)) from None
 
 
 def keep_rates_of(path: str, k: Optional[float] = None, alpha: float = 0.1) -> Tuple[str, Dict[str, Dict]]:
     """(title, {layer: {'keep', 'total'}}) from a result JSON or a checkpoint."""
     if path.endswith(".json"):
-        result = _load_json(path)
-        if "sparsity" not in result:
-            raise PlotError(f"{path} is not a test.py result (no 'sparsity')")
+        result = _load_result(path)
         return _title(result), result["sparsity"]["per_layer"]
     from utils.checkpoint import load_checkpoint, state_dict_of
     from configs.errors import UserError
@@ -230,7 +230,7 @@ def fmn_curve(path: str, result: Dict) -> Optional[Tuple[List[float], List[float
 
 def plot_security_curves(paths: Sequence[str], output: str, labels: Optional[Sequence[str]] = None) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    results = [_load_json(path) for path in paths]
+    results = [_load_result(path) for path in paths]
     defaults = []
     for path, result in zip(paths, results):
         if not result.get("security_curve") and "fmn" not in result.get("attacks", {}):

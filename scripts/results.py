@@ -18,11 +18,13 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from configs.errors import UserError
 from configs.recipes import DENSE_METHOD, recipe
 from configs.schema import OPTION_BY_NAME
+from data.info import dataset_info
+from trainers.evaluation.report import read_json, result_of
 from utils.run_dir import RUNTIME_OPTIONS
 
-REQUIRED_KEYS = ("arch", "dataset", "exp_mode", "natural_acc", "attacks", "sparsity")
 # Config entries that do not change what a result measures: the run's runtime options, where it was written, and
 # the seed and --exp-name, which make replicates.
 _NOT_SETTINGS = RUNTIME_OPTIONS | {"seed", "exp_name", "result_dir"}
@@ -80,6 +82,11 @@ class Cell:
         return self.method, self.granularity, self.variant
 
 
+def balanced_metric(metric: str, dataset: str) -> bool:
+    """Whether a table shows balanced accuracy: asked for, or (auto) the dataset's description says so (SVHN)."""
+    return metric == "balanced" or (metric == "auto" and dataset_info(dataset).balanced_accuracy)
+
+
 def sparsity_percent(result: Dict) -> float:
     """100 * (1 - global_keep) rounded to one decimal: 98.9996 -> 99.0, 99.9 -> 99.9."""
     return round(100.0 * (1.0 - float(result["sparsity"]["global_keep"])), 1)
@@ -93,7 +100,8 @@ def method_of(exp_mode: str) -> Tuple[str, bool]:
 
 
 def find_results(paths: Sequence[str]) -> List[Tuple[str, Dict]]:
-    """Every test.py result JSON under the given directories (or the given files), sorted by path."""
+    """Every test.py result JSON under the given directories (or the given files), sorted by path; other JSON files
+    are skipped, a result of a format this toolkit cannot read is an error (trainers/evaluation/report.py)."""
     files = []
     for path in paths:
         if os.path.isfile(path):
@@ -106,12 +114,15 @@ def find_results(paths: Sequence[str]) -> List[Tuple[str, Dict]]:
     out = []
     for name in sorted(files):
         try:
-            with open(name) as fh:
-                data = json.load(fh)
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and all(k in data for k in REQUIRED_KEYS):
-            out.append((name, data))
+            data = read_json(name)
+        except UserError:
+            continue  # not JSON at all: not ours
+        try:
+            result = result_of(data, name)
+        except UserError as err:
+            raise TableError(str(err)) from None
+        if result is not None:
+            out.append((name, result))
     return out
 
 
@@ -210,7 +221,7 @@ def collect_cells(results: Iterable[Tuple[str, Dict]], attack: str = "autoattack
             continue
         if dataset and data["dataset"].lower() != dataset.lower():
             continue
-        balanced = metric == "balanced" or (metric == "auto" and data["dataset"] == "SVHN")
+        balanced = balanced_metric(metric, data["dataset"])
         read.append(read_result(path, data, attack, balanced))
     chosen, clashes = _one_per_checkpoint(read)
     by_cell: Dict[Tuple, List[Result]] = {}

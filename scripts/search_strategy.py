@@ -57,9 +57,9 @@ from strategies.search import (COSTS, METHODS, DDPGConfig, EvolutionConfig, Sear
 from pruning.wrap import masked_layers, sparsify  # noqa: E402
 from stage import build_model, example_input, load_checkpoint_into, load_data, option_choices  # noqa: E402
 from strategies.files import read_strategies, save_strategies  # noqa: E402
+from trainers.attacks.threat import threat_from_config  # noqa: E402
 from trainers.evaluation.scoring import accuracies  # noqa: E402
 from trainers.evaluation.validation import validate  # noqa: E402
-from trainers.threat import threat_from_config  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.logging import setup_logging, write_json  # noqa: E402
 from utils.run_dir import experiment_root, source_checkpoint  # noqa: E402

@@ -62,6 +62,7 @@ from scipy.stats import truncnorm
 from configs.errors import UserError
 from pruning.graph import inspect_layers
 from pruning.wrap import prunable_layers
+from utils.modes import eval_mode
 
 __all__ = ["METHODS", "COSTS", "SearchLayer", "DDPGConfig", "EvolutionConfig", "SearchResult", "describe_layers",
            "project_to_budget", "search_strategy"]
@@ -151,16 +152,12 @@ def describe_layers(model: nn.Module, example: torch.Tensor) -> List[SearchLayer
 
     layers = prunable_layers(model)
     handles = [m.register_forward_pre_hook(record(name)) for name, m in layers]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example)
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.train(training)
 
     described = []
     for name, module in layers:

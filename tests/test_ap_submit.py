@@ -17,14 +17,11 @@ from torch import nn
 from configs.schema import Config, config_to_dict
 from data.info import dataset_info
 from scripts import ap_submit
-from stage import build_model
-from tests.conftest import load_entry_point
+from stage import build_evaluated_model, build_model
 from trainers.evaluation.ap_protocol import AP_PRESET
-from trainers.evaluation.minimum_norm import ap_fmn_plan, write_distances
-from trainers.evaluation.registry import EvalSettings
-from trainers.threat import ThreatModel
+from trainers.evaluation.minimum_norm import FMNOptions, ap_fmn_plan, write_distances
+from trainers.evaluation.report import RESULT_FORMAT_VERSION
 
-test_py = load_entry_point("test.py", "harp_test_entry_ap_submit")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -126,10 +123,12 @@ def _ap_result(checkpoint, distances):
     stem = os.path.join(folder, f"model_best_{AP_PRESET}")
     os.makedirs(folder)
     n = len(distances)
-    plan = ap_fmn_plan(EvalSettings(threat=ThreatModel(0.031, 0.0078, 10), preset=AP_PRESET), 2048 + n)
+    plan = ap_fmn_plan(FMNOptions(), 2048 + n)
     name = write_distances(stem, torch.tensor(distances, dtype=torch.float64), torch.tensor(distances) > 0,
                            torch.zeros(n, dtype=torch.long), torch.arange(2048, 2048 + n), plan)
-    result = {"preset": AP_PRESET, "checkpoint": checkpoint,
+    result = {"format_version": RESULT_FORMAT_VERSION, "arch": "vgg16_bn", "dataset": "CIFAR10",
+              "exp_mode": "harp_finetune", "natural_acc": 80.7, "sparsity": {}, "preset": AP_PRESET,
+              "checkpoint": checkpoint,
               "attacks": {"fmn": {"distances_file": name}, "autoattack": {}},
               "protocol": {"numbers": {"clean_accuracy": 80.7, "robust_accuracy_aa": 42.83,
                                        "robust_accuracy_hofmn": 0.4453125}, "deviations": []}}
@@ -156,7 +155,7 @@ def test_kit_writes_a_checkpoint_the_base_model_loads_with_the_evaluated_logits(
     base = BASES[arch][0]().eval()
     base.load_state_dict(state, strict=True)
     ckpt = torch.load(checkpoint, weights_only=True)
-    evaluated = test_py.build_and_load(cfg, dataset_info("CIFAR10"), ckpt, checkpoint, torch.device("cpu"))
+    evaluated = build_evaluated_model(cfg, dataset_info("CIFAR10"), ckpt, checkpoint, torch.device("cpu"))
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.allclose(base(x), evaluated(x), rtol=1e-5, atol=1e-6)

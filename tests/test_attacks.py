@@ -1,4 +1,4 @@
-"""Properties of test.py's per-batch attacks (trainers/evaluation/, trainers/attacks.py) on tiny models.
+"""Properties of test.py's per-batch attacks (trainers/evaluation/, trainers/attacks/pgd.py) on tiny models.
 
 Every attack keeps its output inside the eps-ball and [0, 1]; robust accuracy never exceeds natural
 accuracy; the model is in eval mode during attacks and each module's mode is restored afterwards; the same
@@ -10,11 +10,12 @@ from torch import nn
 
 from configs.errors import UserError
 from pruning.wrap import freeze_masks, model_sparsity, sparsify
-from trainers.attacks import fgsm
-from trainers.evaluation.registry import EvalSettings, attack, batch_attack_names, parse_attacks, suite_names
+from trainers.attacks.pgd import fgsm
+from trainers.attacks.threat import LINF, L2, ThreatModel, perturbation_norms
+from trainers.evaluation.registry import (EvalSettings, NoOptions, attack, batch_attack_names, parse_attacks,
+                                          suite_names)
 from trainers.evaluation.scoring import balanced_accuracy, project_to_threat
 from trainers.evaluation.suite import clean_pass, run_batch_attack, run_suite
-from trainers.threat import LINF, L2, ThreatModel, perturbation_norms
 
 ATTACK_NAMES = suite_names()
 BATCH_ATTACKS = [n for n in batch_attack_names() if n in ATTACK_NAMES]  # what `--attacks all` runs per batch
@@ -64,7 +65,7 @@ def test_raw_attack_output_stays_in_the_ball_and_the_box(name, norm):
     model = tiny_model().eval()
     x, y = tiny_data(model)
     s = settings_for(norm)
-    x_adv = attack(name).make(model, s)(x, y).detach()
+    x_adv = attack(name).make(model, s, attack(name).options())(x, y).detach()
     assert x_adv.shape == x.shape and torch.isfinite(x_adv).all()
     assert float(perturbation_norms(x_adv, x, norm).max()) <= s.eps * (1 + SLACK) + SLACK
     assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
@@ -76,7 +77,7 @@ def test_linf_fgsm_matches_trainers_fgsm():
     model = tiny_model().eval()
     x, y = tiny_data(model)
     s = settings_for(LINF)
-    assert torch.equal(attack("fgsm").make(model, s)(x, y), fgsm(model, x, y, s.threat))
+    assert torch.equal(attack("fgsm").make(model, s, NoOptions())(x, y), fgsm(model, x, y, s.threat))
 
 
 @pytest.mark.parametrize("norm", [LINF, L2])
@@ -118,13 +119,14 @@ def test_clean_errors_count_as_not_robust_even_if_an_attack_fixes_them():
 
     class Identity:
         name = "identity"
+        options = NoOptions
 
         @staticmethod
-        def make(model, s):
+        def make(model, s, options):
             return lambda a, b: a
 
         @staticmethod
-        def params(s):
+        def params(s, options):
             return {}
 
     entry = run_batch_attack(model, Identity, batches_of(x, y, 12), settings_for(LINF), clean)

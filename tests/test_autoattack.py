@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.evaluation.autoattack import Component, build_components, run_autoattack, target_classes
+from trainers.attacks.threat import LINF, L2, ThreatModel, perturbation_norms
+from trainers.evaluation.autoattack import (AutoAttackOptions, Component, build_components, run_autoattack,
+                                           target_classes)
 from trainers.evaluation.registry import EvalSettings
 from trainers.evaluation.suite import run_suite
-from trainers.threat import LINF, L2, ThreatModel, perturbation_norms
 
 
 def threat(eps, norm):
@@ -247,9 +248,9 @@ def test_suite_entry_reports_components_and_is_at_most_pgd():
     model = tiny_model()
     x, y = tiny_data(model, 16)
     settings = EvalSettings(threat=ThreatModel(eps=0.05, norm=LINF, step_size=0.0125, steps=10), seed=0,
-                            preset="original", aa_batch_size=16,
-                            show_progress=False)
-    result = run_suite(model, make_batches(x, y, 8), ["natural", "pgd10", "autoattack"], settings)
+                            preset="original", show_progress=False)
+    result = run_suite(model, make_batches(x, y, 8), ["natural", "pgd10", "autoattack"], settings,
+                       options={"autoattack": AutoAttackOptions(batch_size=16)})
     aa = result["attacks"]["autoattack"]
     assert aa["preset"] == "original" and aa["components"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert set(aa["per_component"]) == set(aa["components"])

@@ -17,6 +17,8 @@ KEYS = {"R1", "R2", "R3", "R4", "R4_max_abs_diff", "images_per_s", "seconds", "s
         "threads", "within_thresholds"}
 CONFIGS = {"plain_train", "pgd10_at", "pgd10_plain_frozen_w", "pgd10_harp_prune", "finetune_train", "forward_plain",
            "forward_dense_export"}
+CERTIFIED = {"smooth_train", "crown_ibp_train", "ibp_train", "sym_train", "ibp_verify", "sym_verify",
+             "crown_ibp_verify", "certify_draws"}
 
 
 benchmark = load_entry_point(os.path.join("scripts", "benchmark.py"), "harp_benchmark")
@@ -38,6 +40,32 @@ def test_run_reports_every_ratio_and_an_exact_export():
     assert result["images_per_s"]["plain_train"] == pytest.approx(4 / result["seconds"]["plain_train"])
     assert "mfu_pgd10_at" not in result  # CUDA only
     json.dumps(result)  # plain JSON types only
+
+
+def test_a_model_the_bounds_can_walk_also_times_the_certified_objectives():
+    """cifar_model: no norm layers, so no frozen-weight configuration and no R2; the certified configurations at
+    --epsilon, the symbolic ones on SYMBOLIC_POINTS points."""
+    result = benchmark.run("cifar_model", "digits", 8, "cpu", warmup=2, steps=2, epsilon=0.1, compact=False)
+    assert set(result["seconds"]) == CONFIGS - {"pgd10_plain_frozen_w"} | CERTIFIED
+    assert "R2" not in result and "R2" not in result["within_thresholds"] and result["R1"] > 0
+    assert result["threat"]["eps"] == 0.1
+    assert result["images_per_s"]["sym_verify"] == pytest.approx(benchmark.SYMBOLIC_POINTS /
+                                                                 result["seconds"]["sym_verify"])
+    assert result["images_per_s"]["ibp_verify"] == pytest.approx(8 / result["seconds"]["ibp_verify"])
+    assert result["images_per_s"]["certify_draws"] == pytest.approx(benchmark.CERTIFY_DRAWS /
+                                                                    result["seconds"]["certify_draws"])
+    json.dumps(result)
+
+
+def test_data_dir_gives_the_benchmark_real_test_images(tmp_path):
+    info = benchmark.dataset_info("digits")
+    x, y = benchmark.benchmark_batch(info, 16, torch.device("cpu"), data_dir=str(tmp_path))
+    real_x, real_y = next(iter(benchmark.build_data("digits", data_dir="").test_batches(16)))
+    assert torch.equal(x, real_x) and torch.equal(y, real_y)
+    random_x, _ = benchmark.benchmark_batch(info, 16, torch.device("cpu"))
+    assert random_x.shape == x.shape and not torch.equal(random_x, x)
+    with pytest.raises(benchmark.UserError, match="only 360"):
+        benchmark.benchmark_batch(info, 400, torch.device("cpu"), data_dir=str(tmp_path))
 
 
 def test_configurations_are_set_up_as_train_py_sets_up_each_stage():

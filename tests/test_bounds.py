@@ -1,8 +1,10 @@
-"""IBP and CROWN-IBP bounds (trainers/bounds.py) and Hydra's verifiable CNNs (models/hydra_cnn.py).
+"""IBP, symbolic-interval and CROWN-IBP bounds (trainers/certify/bounds.py) and Hydra's verifiable CNNs
+(models/hydra_cnn.py).
 
 Checks against independent references: brute-force interval arithmetic over the corners of input and
-hidden boxes, exact linear bounds where the network is linear on the box (autograd gradient), sampled points
-of the eps-ball, PGD, and plain models with the masked weights zeroed.
+hidden boxes, a neuron-by-neuron symbolic interval analysis in plain Python, exact linear bounds where the
+network is linear on the box (autograd gradient), sampled points of the eps-ball, PGD, and plain models with
+the masked weights zeroed.
 """
 import copy
 import itertools
@@ -15,10 +17,11 @@ from torch import nn
 from configs.errors import UserError
 from models import MODELS, create_model, list_models
 from pruning.wrap import freeze_masks, masked_layers, sparsify
-from trainers.attacks import pgd
-from trainers.bounds import (CROWN_IBP, IBP, crown_ibp_loss, crown_ibp_schedule, input_box, interval_bounds,
-                             margin_lower_bounds, verification_sums, verified, verified_accuracy)
-from trainers.threat import ThreatModel
+from trainers.attacks.pgd import pgd
+from trainers.attacks.threat import ThreatModel
+from trainers.certify.bounds import (CROWN_IBP, IBP, SYMBOLIC, SYMBOLIC_CHUNK, crown_ibp_loss, crown_ibp_schedule,
+                                     input_box, interval_bounds, margin_lower_bounds, verification_sums, verified,
+                                     verified_accuracy, worst_case_loss)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SLACK = 1e-5
@@ -106,8 +109,9 @@ def test_ibp_contains_sampled_outputs_and_is_tighter_on_margins():
         assert (margins.gather(1, y[:, None]) == 0).all()
 
 
-# ----------------------------------------------------------------------------- CROWN-IBP
-def test_crown_is_exact_on_a_linear_network_and_beats_ibp():
+# ----------------------------------------------------------------------------- CROWN-IBP and symbolic intervals
+@pytest.mark.parametrize("method", [CROWN_IBP, SYMBOLIC])
+def test_crown_is_exact_on_a_linear_network_and_beats_ibp(method):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 5), nn.Linear(5, 3))
     x, y, eps = torch.tensor([[0.5, 0.4]]), torch.tensor([2]), 0.3
@@ -115,19 +119,22 @@ def test_crown_is_exact_on_a_linear_network_and_beats_ibp():
     corners = torch.tensor(list(itertools.product(*zip(lower_in[0].tolist(), upper_in[0].tolist()))))
     with torch.no_grad():
         exact = model_margins(model, corners, y.repeat(len(corners))).min(dim=0).values
-        crown = margin_lower_bounds(model, x, y, eps, CROWN_IBP, beta=1.0)[0]
+        crown = margin_lower_bounds(model, x, y, eps, method, beta=1.0)[0]
         ibp = margin_lower_bounds(model, x, y, eps, IBP)[0]
     assert torch.allclose(crown, exact, atol=1e-5)
     assert (crown >= ibp - SLACK).all() and (crown > ibp + 1e-3).any()
 
 
-def test_crown_is_exact_when_every_relu_is_stable():
+@pytest.mark.parametrize("method", [CROWN_IBP, SYMBOLIC])
+def test_crown_is_exact_when_every_relu_is_stable(method):
+    """Symbolic intervals are never looser than IBP where IBP finds every ReLU stable: then (by induction over the
+    layers) neither finds an unstable ReLU, and the symbolic bound is the exact one."""
     model = tiny_conv(seed=1)
     x = torch.rand(2, 1, 6, 6) * 0.8 + 0.1  # away from the clip range: the box is the full eps-ball
     y = torch.tensor([3, 1])
     eps = 2e-4
     assert unstable_relus(model, x, eps) == 0
-    crown = margin_lower_bounds(model, x, y, eps, CROWN_IBP, beta=1.0)
+    crown = margin_lower_bounds(model, x, y, eps, method, beta=1.0)
     ibp = margin_lower_bounds(model, x, y, eps, IBP)
     # the network is linear on the box: min margin = margin(x) - eps * ||d margin / dx||_1
     xg = x.clone().requires_grad_(True)
@@ -138,7 +145,7 @@ def test_crown_is_exact_when_every_relu_is_stable():
     assert (crown >= ibp - SLACK).all()
 
 
-def test_crown_ibp_and_mixes_are_valid_lower_bounds_with_unstable_relus():
+def test_crown_ibp_mixes_and_symbolic_are_valid_lower_bounds_with_unstable_relus():
     model = tiny_conv(seed=2)
     x = torch.rand(4, 1, 6, 6)
     y = torch.tensor([0, 1, 2, 3])
@@ -153,11 +160,15 @@ def test_crown_ibp_and_mixes_are_valid_lower_bounds_with_unstable_relus():
             mixed = margin_lower_bounds(model, x, y, eps, CROWN_IBP, beta=beta)
             assert torch.allclose(mixed, beta * crown + (1 - beta) * ibp, atol=1e-5)
             assert (sampled >= mixed - SLACK).all()
+        symbolic = margin_lower_bounds(model, x, y, eps, SYMBOLIC)
+        assert (sampled >= symbolic - SLACK).all()
+        assert (symbolic.sum(dim=1) > ibp.sum(dim=1)).all()  # tighter here, though not always (below)
 
 
 def test_crown_can_be_looser_than_ibp():
     """Why Hydra mixes the two: with the adaptive lower slope, one unstable ReLU z in [-1, 2] is bounded by z
-    (slope 1, minimum -1) where IBP's relu interval gives 0."""
+    (slope 1, minimum -1) where IBP's relu interval gives 0. Symbolic intervals are not always tighter either: the
+    same ReLU becomes s z - s l / 2 +- s l / 2 with s = 2/3, whose range [s l, u] = [-2/3, 2] reaches below 0."""
     model = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2))
     with torch.no_grad():
         model[0].weight.fill_(1.0), model[0].bias.zero_()
@@ -167,6 +178,68 @@ def test_crown_can_be_looser_than_ibp():
     ibp = margin_lower_bounds(model, x, y, 1.5, IBP, **kwargs)
     crown = margin_lower_bounds(model, x, y, 1.5, CROWN_IBP, beta=1.0, **kwargs)
     assert ibp[0, 1].item() == pytest.approx(0.0) and crown[0, 1].item() == pytest.approx(-1.0)
+    assert margin_lower_bounds(model, x, y, 1.5, SYMBOLIC, **kwargs)[0, 1].item() == pytest.approx(-2 / 3)
+
+
+def symbolic_reference(model, lower, upper, y):
+    """Symbolic interval analysis of one point through a Sequential of Linear and ReLU, neuron by neuron in plain
+    Python: each neuron is (centre, [coefficient of every generator]); the margins concretised at the end."""
+    neurons = [((lo + hi) / 2, [(hi - lo) / 2 if i == j else 0.0 for j in range(len(lower))])
+               for i, (lo, hi) in enumerate(zip(lower, upper))]
+    for layer in model:
+        count = len(neurons[0][1])
+        if isinstance(layer, nn.Linear):
+            weight, bias = layer.weight.tolist(), layer.bias.tolist()
+            neurons = [(b + sum(w * c for w, (c, _) in zip(row, neurons)),
+                        [sum(w * g[k] for w, (_, g) in zip(row, neurons)) for k in range(count)])
+                       for row, b in zip(weight, bias)]
+            continue
+        relaxed, new = [], []
+        for centre, coeffs in neurons:
+            lo, hi = centre - sum(map(abs, coeffs)), centre + sum(map(abs, coeffs))
+            if hi <= 0:
+                relaxed.append((0.0, [0.0] * count))
+            elif lo >= 0:
+                relaxed.append((centre, coeffs))
+            else:  # between s z and s (z - lo): s z - s lo / 2 and an error generator of size -s lo / 2
+                slope = hi / (hi - lo)
+                relaxed.append((slope * centre - slope * lo / 2, [slope * g for g in coeffs]))
+                new.append((len(relaxed) - 1, -slope * lo / 2))
+        neurons = [(c, g + [size if index == i else 0.0 for index, size in new]) for i, (c, g) in enumerate(relaxed)]
+    centre_y, coeffs_y = neurons[y]
+    return [centre_y - c - sum(abs(a - b) for a, b in zip(coeffs_y, g)) for c, g in neurons]
+
+
+@pytest.mark.parametrize("x, eps", [([0.4, 0.6], 0.2), ([0.05, 0.9], 0.2), ([0.5, 0.5], 0.45)])
+def test_symbolic_equals_a_neuron_by_neuron_reference_and_contains_brute_force_ranges(x, eps):
+    torch.manual_seed(7)
+    deep = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    for model in (two_input_net(), deep):
+        x_t = torch.tensor([x])
+        lower, upper = input_box(x_t, eps)
+        with torch.no_grad():
+            for label in range(model[-1].out_features):
+                y = torch.tensor([label])
+                bound = margin_lower_bounds(model, x_t, y, eps, SYMBOLIC)[0]
+                expected = symbolic_reference(model, lower[0].tolist(), upper[0].tolist(), label)
+                assert torch.allclose(bound, torch.tensor(expected), atol=1e-5)
+                grid = torch.stack(torch.meshgrid(*(torch.linspace(lo, hi, 101) for lo, hi in
+                                                    zip(lower[0].tolist(), upper[0].tolist())), indexing="ij"), -1)
+                brute = model_margins(model, grid.view(-1, 2), y.repeat(101 * 101)).min(dim=0).values
+                assert (bound <= brute + SLACK).all()
+    # the comparison is not vacuous: the deep net has unstable ReLUs on the widest box
+    assert unstable_relus(deep, torch.tensor([[0.5, 0.5]]), 0.45) > 0
+
+
+def test_symbolic_bounds_of_a_point_do_not_depend_on_its_batch():
+    """Points pass in chunks of SYMBOLIC_CHUNK, each padded to the error generators of its most unstable point."""
+    model = tiny_conv(seed=8)
+    x = torch.rand(SYMBOLIC_CHUNK + 5, 1, 6, 6)
+    y = torch.arange(len(x)) % 4
+    with torch.no_grad():
+        together = margin_lower_bounds(model, x, y, 0.05, SYMBOLIC)
+        alone = torch.cat([margin_lower_bounds(model, x[i:i + 1], y[i:i + 1], 0.05, SYMBOLIC) for i in range(len(x))])
+    assert torch.allclose(together, alone, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -194,6 +267,9 @@ def test_verified_points_resist_pgd():
     assert accuracy <= 100.0 * float(pgd_correct.float().mean())
     crown_accuracy = verified_accuracy(model, batches, eps=eps, method=CROWN_IBP, beta=1.0)
     assert crown_accuracy <= 100.0 * float(pgd_correct.float().mean())
+    symbolic = verified(model, x, y, eps=eps, method=SYMBOLIC)
+    assert not (symbolic & ~pgd_correct).any()
+    assert verified_accuracy(model, batches, eps=eps, method=SYMBOLIC) <= 100.0 * float(pgd_correct.float().mean())
 
 
 def test_verification_sums_restore_modes_and_report_natural_accuracy():
@@ -222,7 +298,7 @@ def test_masked_layers_bound_their_effective_weight(granularity):
     sparsify(masked, granularity, keep_min=0.3)
     zeroed = _zeroed_copy(masked, plain)
     x, y, eps = torch.rand(3, 1, 6, 6), torch.tensor([0, 1, 2]), 0.03
-    for method in (IBP, CROWN_IBP):
+    for method in (IBP, SYMBOLIC, CROWN_IBP):
         with torch.no_grad():
             learned = margin_lower_bounds(masked, x, y, eps, method, beta=0.7)
             expected = margin_lower_bounds(zeroed, x, y, eps, method, beta=0.7)
@@ -230,7 +306,7 @@ def test_masked_layers_bound_their_effective_weight(granularity):
             assert not torch.allclose(expected, margin_lower_bounds(plain, x, y, eps, method, beta=0.7), atol=1e-3)
     freeze_masks(masked)
     with torch.no_grad():
-        for method in (IBP, CROWN_IBP):
+        for method in (IBP, SYMBOLIC, CROWN_IBP):
             assert torch.allclose(margin_lower_bounds(masked, x, y, eps, method, beta=0.7),
                                   margin_lower_bounds(zeroed, x, y, eps, method, beta=0.7), atol=1e-5)
 
@@ -245,6 +321,16 @@ def test_crown_ibp_loss_reaches_scores_and_rates_of_learning_masks():
         assert layer.k_score.grad is not None
 
 
+def test_symbolic_loss_reaches_scores_and_rates_of_learning_masks():
+    model = tiny_conv(seed=5)
+    sparsify(model, "weight", keep_min=0.3)
+    loss, _ = worst_case_loss(model, torch.rand(4, 1, 6, 6), torch.tensor([0, 1, 2, 3]), eps=0.05, method=SYMBOLIC)
+    loss.backward()
+    for _, layer in masked_layers(model):
+        assert layer.popup_scores.grad is not None and layer.popup_scores.grad.abs().sum() > 0
+        assert layer.k_score.grad is not None
+
+
 # ----------------------------------------------------------------------------- training
 def test_crown_ibp_loss_at_eps_zero_is_cross_entropy():
     model = tiny_conv(seed=6)
@@ -252,6 +338,8 @@ def test_crown_ibp_loss_at_eps_zero_is_cross_entropy():
     loss, worst_logits = crown_ibp_loss(model, x, y, eps=0.0, beta=0.5)
     assert worst_logits.shape == (8, 4)
     assert loss.item() == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-5)  # -margins = logits - z_y
+    loss, worst_logits = worst_case_loss(model, x, y, eps=0.0, method=SYMBOLIC)
+    assert loss.item() == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-5)
 
 
 def test_crown_ibp_training_lowers_the_loss():
@@ -334,7 +422,7 @@ def test_hydra_model_with_normalization_bounds_validly_and_exactly():
     points = sample_ball(x, eps, 40).flatten(0, 1)
     with torch.no_grad():
         sampled = model_margins(model, points, y.repeat(40)).view(40, 3, -1)
-        for method in (IBP, CROWN_IBP):
+        for method in (IBP, SYMBOLIC, CROWN_IBP):
             assert (sampled >= margin_lower_bounds(model, x, y, eps, method) - SLACK).all()
         # (x - mean) / std maps the eps-ball onto the (eps / std)-ball around the normalised point
         lower, upper = interval_bounds(model, x, eps)

@@ -1,8 +1,9 @@
-"""Hydra's certified objectives wired into the toolkit (trainers/certified_training.py, trainers/evaluation/
-certified.py): --trainer smooth and crown-ibp in every stage with their own validation, resume and run layout;
-test.py's certify / ibp / crown-ibp entries; certified accuracy in the tables. The maths of smoothing and of the
-bounds is tested in test_smoothing.py and test_bounds.py; here everything runs on digits with Hydra's cifar_model
-(8x8 inputs), which a CPU thread classifies at about 200,000 images per second.
+"""Hydra's certified objectives wired into the toolkit (trainers/certified_training.py, trainers/mixtrain.py,
+trainers/evaluation/certified.py): --trainer smooth, crown-ibp and mixtrain in every stage with their own
+validation, resume and run layout; test.py's certify / ibp / crown-ibp entries; certified accuracy in the tables.
+The maths of smoothing and of the bounds is tested in test_smoothing.py and test_bounds.py, MixTrain's loss and
+preset in test_mixtrain.py; here everything runs on digits with Hydra's cifar_model (8x8 inputs), which a CPU
+thread classifies at about 200,000 images per second.
 """
 import dataclasses
 import json
@@ -20,14 +21,14 @@ from models import create_model
 from scripts import make_tables
 from stage import build_model, option_choices
 from tests.conftest import load_entry_point, single_thread
-from trainers.bounds import crown_ibp_loss, crown_ibp_schedule, verification_sums, verified
+from trainers.attacks.threat import ThreatModel, threat_from_config
 from trainers.certified_training import CrownIBPLoop, SmoothingLoop
-from trainers.evaluation.certified import certify_settings
-from trainers.evaluation.registry import EvalSettings
+from trainers.certify.bounds import SYMBOLIC, crown_ibp_loss, crown_ibp_schedule, verification_sums, verified
+from trainers.certify.smoothing import ABSTAIN, smooth_loss, smoothed_validation
+from trainers.evaluation.registry import EvalContext, EvalSettings, attack_options
 from trainers.evaluation.suite import run_suite
 from trainers.evaluation.validation import validate, validation_options
-from trainers.smoothing import ABSTAIN, smooth_loss, smoothed_validation
-from trainers.threat import ThreatModel, threat_from_config
+from trainers.training import TRAINERS
 from utils.run_dir import objective_component
 
 test_py = load_entry_point("test.py", "harp_test_entry_certified")
@@ -39,6 +40,10 @@ SMOOTH = DIGITS + ["--trainer", "smooth"]
 # CROWN-IBP at half the digits preset's eps, so a few epochs verify about half the test points.
 CROWN_EVAL = DIGITS + ["--trainer", "crown-ibp", "--epsilon", "0.05"]
 CROWN = CROWN_EVAL + ["--optimizer", "adam", "--lr", "0.003", "--wd", "0", "--schedule-length", "3"]
+# MixTrain with Hydra's preset at the same eps and a larger weight, pretrained with a 2-epoch ramp (MIXTRAIN_RAMP),
+# so a few epochs verify points; prune and finetune keep the preset's full eps from the start.
+MIXTRAIN = DIGITS + ["--configs", "configs/hydra-mixtrain.yml", "--epsilon", "0.05", "--interval-weight", "1"]
+MIXTRAIN_RAMP = ["--schedule-length", "2"]
 PRUNED = ["--k", "0.1", "--stg-id", "010_uni"]  # starts at the target, so the hardware loss is met at once
 
 
@@ -144,21 +149,23 @@ def test_crown_ibp_loop_ramps_eps_per_step():
     assert (stats["crown_eps"], stats["crown_beta"]) == pytest.approx(schedule[-1])
 
 
-def test_crown_ibp_refuses_another_architecture_before_writing_anything(tmp_path, capsys):
-    argv = ["--dataset", "digits", "--trainer", "crown-ibp", "--exp-mode", "pretrain", "--epochs", "1",
-            "--result-dir", str(tmp_path), "--no-progress"]
-    assert train.main(argv) == 2
+@pytest.mark.parametrize("trainer, argv", [("crown-ibp", CROWN), ("mixtrain", MIXTRAIN)])
+def test_crown_ibp_refuses_another_architecture_before_writing_anything(trainer, argv, tmp_path, capsys):
+    command = ["--dataset", "digits", "--trainer", trainer, "--exp-mode", "pretrain", "--epochs", "1",
+               "--result-dir", str(tmp_path), "--no-progress"]
+    assert train.main(command) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nn.Sequential" in err and "cifar_model" in err
     assert os.listdir(tmp_path) == []
-    with pytest.raises(UserError):
-        CrownIBPLoop(resolve(*CROWN), threat_from_config(resolve(*CROWN)).with_(norm="l2"), "cpu")
+    with pytest.raises(UserError, match="Linf"):
+        TRAINERS.get(trainer)(resolve(*argv), threat_from_config(resolve(*argv)).with_(norm="l2"), "cpu")
 
 
 def test_run_layout_names_the_certified_objectives():
     assert objective_component(resolve(*SMOOTH)) == "smooth"
     assert objective_component(resolve(*SMOOTH, "--smooth-loss", "gaussian")) == "gaussian"
     assert objective_component(resolve(*CROWN)) == "crown-ibp"
+    assert objective_component(resolve(*MIXTRAIN)) == "mixtrain"
     assert objective_component(resolve("--dataset", "digits")) == "pgd"
 
 
@@ -182,6 +189,18 @@ def crown_runs(tmp_path_factory):
         common = CROWN + ["--result-dir", root]
         assert train.main(common + ["--exp-mode", "pretrain", "--epochs", "6"]) == 0
     return root, common, CROWN_EVAL + ["--result-dir", root]
+
+
+@pytest.fixture(scope="module")
+def mixtrain_runs(tmp_path_factory):
+    with single_thread():
+        root = str(tmp_path_factory.mktemp("mixtrain"))
+        common = MIXTRAIN + ["--result-dir", root]
+        assert train.main(common + MIXTRAIN_RAMP + ["--exp-mode", "pretrain", "--epochs", "4"]) == 0
+    return root, common, common
+
+
+OBJECTIVES = {"smooth_runs": "smooth", "crown_runs": "crown-ibp", "mixtrain_runs": "mixtrain"}
 
 
 def test_smoothed_harp_model_is_certified_and_its_certified_accuracy_is_tabled(smooth_runs, capsys):
@@ -221,9 +240,10 @@ def test_certified_accuracy_at_radius_zero_is_close_to_predicts_accuracy(smooth_
     path = os.path.join(root, "cifar_model", "digits", "smooth", "digits_weight_010_uni_0.1", "harp_finetune",
                         "checkpoint", "model_best.pth.tar")
     model.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
-    settings = EvalSettings(threat=threat_from_config(cfg), seed=cfg.seed, show_progress=False, **certify_settings(cfg))
+    settings = EvalSettings(threat=threat_from_config(cfg), seed=cfg.seed, show_progress=False)
     source = build_data("digits", data_dir="")
-    suite = run_suite(model.eval(), lambda: source.test_batches(512), ["natural", "certify"], settings)
+    suite = run_suite(model.eval(), lambda: source.test_batches(512), ["natural", "certify"], settings,
+                      options=attack_options(["certify"], cfg, EvalContext()))
     entry = suite["attacks"]["certify"]
     assert entry["n"] == 500 and suite["n"] == 360
     assert abs(entry["certified_accuracy"][0]["acc"] - entry["prediction_acc"]) <= 2.0
@@ -231,18 +251,20 @@ def test_certified_accuracy_at_radius_zero_is_close_to_predicts_accuracy(smooth_
 
 @pytest.mark.parametrize("chain", [("score_prune", "score_finetune"), ("rate_prune", "rate_finetune"),
                                    ("lwm_finetune",)])
-@pytest.mark.parametrize("runs", ["smooth_runs", "crown_runs"])
+@pytest.mark.parametrize("runs", sorted(OBJECTIVES))
 def test_certified_objectives_run_in_every_mode(runs, chain, request):
     root, common, _ = request.getfixturevalue(runs)
     for mode in chain:
         assert train.main(common + PRUNED + ["--exp-mode", mode, "--epochs", "1"]) == 0
-        objective = "smooth" if runs == "smooth_runs" else "crown-ibp"
-        run = os.path.join(root, "cifar_model", "digits", objective, "digits_weight_010_uni_0.1", mode)
+        run = os.path.join(root, "cifar_model", "digits", OBJECTIVES[runs], "digits_weight_010_uni_0.1", mode)
         record = metrics(run)[-1]
         assert record["keep"] == pytest.approx(0.1, abs=0.002) and "robust_acc" in record
+        if runs == "mixtrain_runs":
+            assert record["mixtrain_eps"] == 0.05  # prune and finetune: no ramp (the preset's schedule_length 0)
 
 
-def test_interrupted_certified_runs_resume_to_the_same_result(crown_runs, smooth_runs, monkeypatch):
+def test_interrupted_certified_runs_resume_to_the_same_result(crown_runs, smooth_runs, mixtrain_runs, monkeypatch):
+    """MixTrain too: its coin flips and drawn points are a function of (seed, epoch)."""
     original_save = train.Run.save
 
     def crash_after_first_epoch(self, epoch, is_best, finished):
@@ -252,7 +274,8 @@ def test_interrupted_certified_runs_resume_to_the_same_result(crown_runs, smooth
 
     for (root, common, _), objective, extra in ((crown_runs, "crown-ibp", ["--exp-mode", "pretrain"]),
                                              (smooth_runs, "smooth", PRUNED + ["--exp-mode", "harp_prune",
-                                                                               "--gamma", "1"])):
+                                                                               "--gamma", "1"]),
+                                             (mixtrain_runs, "mixtrain", PRUNED + ["--exp-mode", "score_prune"])):
         argv = common + extra + ["--epochs", "2"]
         assert train.main(argv + ["--exp-name", "clean"]) == 0
         monkeypatch.setattr(train.Run, "save", crash_after_first_epoch)
@@ -260,11 +283,13 @@ def test_interrupted_certified_runs_resume_to_the_same_result(crown_runs, smooth
             train.main(argv + ["--exp-name", "crashed"])
         monkeypatch.setattr(train.Run, "save", original_save)
         assert train.main(argv + ["--exp-name", "crashed"]) == 0
-        leaf = "pretrain" if "pretrain" in extra else "harp_prune"
+        leaf = extra[extra.index("--exp-mode") + 1]
         runs = [os.path.join(root, "cifar_model", "digits", objective, name, *([leaf] if leaf != "pretrain" else []))
                 for name in ("clean", "crashed")]
         clean, crashed = ([{k: v for k, v in r.items() if k != "seconds"} for r in metrics(run)] for run in runs)
         assert crashed == clean
+        if objective == "mixtrain":
+            assert 0 < clean[-1]["sym_batches"] < 1  # both kinds of batch were drawn
 
 
 def test_verified_accuracy_never_exceeds_pgd_on_the_same_points(crown_runs):
@@ -280,9 +305,24 @@ def test_verified_accuracy_never_exceeds_pgd_on_the_same_points(crown_runs):
 
 
 # ----------------------------------------------------------------------------------------------- entry-point wiring
+def test_mixtrain_validates_with_symbolic_verified_accuracy(mixtrain_runs):
+    """Its deterministic per-epoch measure, at the eps of --epsilon whatever the epoch's eps_t."""
+    root, common, _ = mixtrain_runs
+    run = os.path.join(root, "cifar_model", "digits", "mixtrain", "pretrain")
+    records = metrics(run)
+    assert [r["mixtrain_eps"] for r in records] == pytest.approx([0.0, 0.025, 0.05, 0.05])
+    cfg = resolve(*common, *MIXTRAIN_RAMP, "--exp-mode", "pretrain")
+    model = build_model(cfg, dataset_info("digits"), torch.device("cpu"), masked=False)
+    model.load_state_dict(torch.load(os.path.join(run, "checkpoint", "checkpoint.pth.tar"),
+                                     weights_only=True)["state_dict"])
+    source = build_data("digits", data_dir="")
+    flags = torch.cat([verified(model, x, y, eps=0.05, method=SYMBOLIC) for x, y in source.test_batches(512)])
+    assert records[-1]["robust_acc"] == pytest.approx(100.0 * int(flags.sum()) / len(flags), abs=1e-6)
+
+
 def test_train_validates_with_the_loops_measure_and_test_passes_the_certify_flags(crown_runs, smooth_runs):
     """train.py validates through validation_options (crown-ibp: IBP-verified accuracy, which is deterministic),
-    and test.py builds its EvalSettings with certify_settings (the --certify-* flags reach CERTIFY)."""
+    and test.py builds certify's options from its flags (the --certify-* flags reach CERTIFY)."""
     root, common, _ = crown_runs
     run = os.path.join(root, "cifar_model", "digits", "crown-ibp", "pretrain")
     cfg = resolve(*common, "--exp-mode", "pretrain")
@@ -291,7 +331,7 @@ def test_train_validates_with_the_loops_measure_and_test_passes_the_certify_flag
                                      weights_only=True)["state_dict"])
     source = build_data("digits", data_dir="")
     flags = torch.cat([verified(model, x, y, eps=0.05) for x, y in source.test_batches(512)])
-    assert metrics(run)[-1]["robust_acc"] == pytest.approx(100.0 * float(flags.float().mean()), abs=1e-6)
+    assert metrics(run)[-1]["robust_acc"] == pytest.approx(100.0 * int(flags.sum()) / flags.numel(), abs=1e-9)
 
     root, _, evaluate = smooth_runs
     results = os.path.join(root, "certify_flags.json")

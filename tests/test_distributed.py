@@ -35,10 +35,10 @@ from pruning.graph import inspect_layers
 from pruning.init import init_scores_from_weights, set_keep_rates
 from pruning.trainable import set_trainable
 from pruning.wrap import masked_layers, sparsify
-from trainers.regularizers import HardwareLoss
-from trainers.threat import ThreatModel
+from trainers.attacks.threat import ThreatModel
 from trainers.engine import train_one_epoch
 from trainers.objectives import ObjectiveSettings, pgd_at
+from trainers.regularizers import HardwareLoss
 from utils.distributed import DistContext, all_reduce_sums
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

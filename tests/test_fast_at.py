@@ -12,9 +12,9 @@ import train
 from configs.cli import resolve_config
 from configs.errors import UserError
 from stage import option_choices
+from trainers.attacks.threat import ThreatModel
 from trainers.fast_at import FastATLoop, OverfitGuard, fast_at, fast_threat
 from trainers.objectives import ObjectiveSettings
-from trainers.threat import ThreatModel
 from utils.checkpoint import load_checkpoint
 from utils.run_dir import checkpoint_path, run_dir
 

@@ -1,4 +1,4 @@
-"""FMN (trainers/fmn.py), its tuning (trainers/fmn_tune.py) and security curves, on small digits models.
+"""FMN (trainers/attacks/fmn.py), its tuning (trainers/attacks/fmn_tune.py) and security curves, on small digits models.
 
 The models are trained here for a fraction of a second on scikit-learn's 8x8 digits, so the distances are
 those of a real classifier. FMN is checked against an independent implementation, adv-lib's `fmn` (test-only
@@ -18,10 +18,11 @@ from torch import nn
 
 from configs.errors import UserError
 from tests.conftest import InputRecorder, single_thread
-from trainers.fmn import (LOSSES, OPTIMIZERS, SCHEDULES, ap_eps_grid, failures_as_zero, fmn, fmn_batches,
+from trainers.attacks.fmn import (LOSSES, OPTIMIZERS, SCHEDULES, failures_as_zero, fmn, fmn_batches,
                           robust_accuracy_at, security_curve)
-from trainers.fmn_tune import SearchSpace, tune_fmn
-from trainers.threat import L2, LINF, perturbation_norms
+from trainers.attacks.fmn_tune import SearchSpace, tune_fmn
+from trainers.attacks.threat import L2, LINF, perturbation_norms
+from trainers.evaluation.ap_protocol import ap_eps_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

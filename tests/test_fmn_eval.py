@@ -18,15 +18,14 @@ from configs.errors import UserError
 from data import build_data
 from scripts import make_tables, plots
 from tests.conftest import InputRecorder, load_entry_point, single_thread
+from trainers.attacks.threat import LINF, ThreatModel
 from trainers.evaluation import masking_checks
-from trainers.evaluation.ap_protocol import AP_AA_EPS, AP_PRESET
-from trainers.evaluation.minimum_norm import (FAILURES_INF, FAILURES_ZERO, ap_fmn_plan, counted_distances,
-                                              default_eps_grid, fmn_entry, read_distances, resolve_distances_file,
-                                              tuning_points)
+from trainers.evaluation.ap_protocol import AP_AA_EPS, AP_EPS, AP_PRESET
+from trainers.evaluation.minimum_norm import (FAILURES_INF, FAILURES_ZERO, FMNOptions, ap_fmn_plan,
+                                              counted_distances, default_eps_grid, fmn_entry, read_distances,
+                                              resolve_distances_file, tuning_points)
 from trainers.evaluation.registry import EvalSettings, parse_attacks
 from trainers.evaluation.suite import clean_pass, run_suite
-from trainers.fmn import AP_EPS
-from trainers.threat import LINF, ThreatModel
 
 try:
     import fakedata
@@ -69,8 +68,8 @@ def settings(**kw):
 # ------------------------------------------------------------------------------------------ the entry
 def test_fmn_entry_distances_curve_and_bounds(digits, tmp_path):
     model, _, (x, y) = digits
-    out = run_suite(model, batches_of(x, y, 50), parse_attacks("natural,pgd50,fmn"),
-                    settings(fmn_steps=100, artifact_stem=str(tmp_path / "model_best_standard")))
+    out = run_suite(model, batches_of(x, y, 50), parse_attacks("natural,pgd50,fmn"), settings(),
+                    options={"fmn": FMNOptions(steps=100, artifact_stem=str(tmp_path / "model_best_standard"))})
     entry, pgd50 = out["attacks"]["fmn"], out["attacks"]["pgd50"]
     # FMN finds at least what PGD-50 finds at the same eps (up to a point), never more than natural accuracy.
     assert entry["robust_acc"] <= pgd50["robust_acc"] + 1.0
@@ -117,8 +116,9 @@ def test_tuning_never_touches_the_evaluated_points(digits):
     clean = clean_pass(spy, make, show_progress=False)
     spy.rows.clear()
     steps = 12
-    entry = fmn_entry(spy, make, settings(fmn_steps=steps, fmn_tune=3, tuning_batches=batches_of(x_tune, y_tune, 16),
-                                          tuning_split="held-out digits"), clean)
+    options = FMNOptions(steps=steps, tune=3, tuning_batches=batches_of(x_tune, y_tune, 16),
+                         tuning_split="held-out digits")
+    entry = fmn_entry(spy, make, settings(), options, clean)
     # FMN's first step runs at the clean point: each evaluated point once (the final attack, in none of the 3 tuning
     # trials), each tuning point at least once per trial (more where a step leaves it in place).
     assert _count(spy.rows, x) == [1] * len(y)
@@ -133,7 +133,7 @@ def test_tuning_needs_tuning_points(digits):
     model, _, (x, y) = digits
     make = batches_of(x[:8], y[:8], 8)
     with pytest.raises(UserError, match="tuning points"):
-        fmn_entry(model, make, settings(fmn_steps=2, fmn_tune=2), clean_pass(model, make, show_progress=False))
+        fmn_entry(model, make, settings(), FMNOptions(steps=2, tune=2), clean_pass(model, make, show_progress=False))
 
 
 @pytest.mark.parametrize("val_split", [0.0, 0.2])
@@ -151,17 +151,16 @@ def test_the_default_tuning_split_holds_no_test_point(val_split):
 
 
 def test_ap_plan_is_the_benchmarks_and_records_deviations():
-    s = settings(preset=AP_PRESET)
-    plan = ap_fmn_plan(s, 10_000)
+    plan = ap_fmn_plan(FMNOptions(), 10_000)
     assert (plan.points, plan.tune_points, plan.steps, plan.tune_steps, plan.trials) == ((2048, 2176), (0, 64), 200,
                                                                                          100, 32)
     assert plan.eps == AP_EPS and plan.norm == LINF and plan.counting == FAILURES_ZERO and not plan.deviations
     assert len(plan.grid) == 1000 and plan.grid[-1] == pytest.approx(0.15)
     assert (plan.space.losses, plan.space.optimizers, plan.space.schedules) == (("dlr",), ("sgd",), ("cosine",))
-    small = ap_fmn_plan(settings(preset=AP_PRESET, fmn_tune=4), 100)
+    small = ap_fmn_plan(FMNOptions(tune=4), 100)
     assert small.points == (64, 100) and small.trials == 4 and len(small.deviations) == 2
     with pytest.raises(UserError, match="more"):
-        ap_fmn_plan(s, 64)
+        ap_fmn_plan(FMNOptions(), 64)
 
 
 # ------------------------------------------------------------------------------------------ gradient masking

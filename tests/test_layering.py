@@ -25,6 +25,14 @@ ALLOWED = {
 }
 
 
+# Rooms inside trainers/: attack algorithms and certification import neither the training loops nor evaluation
+# (room -> the trainers subpackages it may import). The loops and evaluation build on them, never the reverse.
+ROOMS = {
+    "trainers.attacks": {"trainers.attacks"},
+    "trainers.certify": {"trainers.certify", "trainers.attacks"},
+}
+
+
 def _library_files():
     for package in PACKAGES:
         for directory, _, files in os.walk(os.path.join(ROOT, package)):
@@ -33,14 +41,26 @@ def _library_files():
                     yield package, os.path.join(directory, name)
 
 
-def _project_imports(path):
+def _imported_modules(path):
+    """(dotted module name, line) of every absolute import in the file."""
     tree = ast.parse(open(path).read(), filename=path)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield alias.name.split(".")[0], node.lineno
+                yield alias.name, node.lineno
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            yield node.module.split(".")[0], node.lineno
+            yield node.module, node.lineno
+
+
+def _project_imports(path):
+    for module, line in _imported_modules(path):
+        yield module.split(".")[0], line
+
+
+def _room_of(module):
+    """The room of trainers/ a dotted module belongs to (`trainers.attacks.fmn` -> `trainers.attacks`)."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "trainers" and len(parts) > 2 else module
 
 
 LIBRARY_FILES = sorted(_library_files())
@@ -56,6 +76,24 @@ def test_imports_follow_the_layering(package, path):
         if module in PACKAGES or module in ENTRY_POINTS + COMPOSITION:
             assert module in ALLOWED[package], (
                 f"{os.path.relpath(path, ROOT)}:{line} imports {module}; {package} may import only {sorted(ALLOWED[package])}")
+
+
+ROOM_FILES = [(room, path) for room in ROOMS
+              for directory, _, names in os.walk(os.path.join(ROOT, *room.split(".")))
+              for path in sorted(os.path.join(directory, n) for n in names if n.endswith(".py"))]
+
+
+def test_every_room_has_files():
+    assert {room for room, _ in ROOM_FILES} == set(ROOMS)
+
+
+@pytest.mark.parametrize("room,path", ROOM_FILES, ids=[os.path.relpath(p, ROOT) for _, p in ROOM_FILES])
+def test_attacks_and_certification_import_neither_the_loops_nor_evaluation(room, path):
+    for module, line in _imported_modules(path):
+        if module.split(".")[0] == "trainers":
+            assert _room_of(module) in ROOMS[room], (
+                f"{os.path.relpath(path, ROOT)}:{line} imports {module}; {room} may import only "
+                f"{sorted(ROOMS[room])} of trainers")
 
 
 @pytest.mark.parametrize("package,path", LIBRARY_FILES, ids=[os.path.relpath(p, ROOT) for _, p in LIBRARY_FILES])
@@ -85,3 +123,11 @@ def test_the_checker_catches_a_violation(tmp_path):
     bad.write_text("import models\nfrom data import build_data\n")
     assert [m for m, _ in _project_imports(str(bad))] == ["models", "data"]
     assert "models" not in ALLOWED["pruning"] and "data" not in ALLOWED["models"]
+
+
+def test_the_room_checker_catches_an_attack_that_imports_a_loop_or_evaluation(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from trainers.engine import ObjectiveLoop\nimport trainers.evaluation.registry\n")
+    rooms = [_room_of(m) for m, _ in _imported_modules(str(bad))]
+    assert rooms == ["trainers.engine", "trainers.evaluation"]
+    assert not set(rooms) & ROOMS["trainers.attacks"] and not set(rooms) & ROOMS["trainers.certify"]

@@ -127,6 +127,25 @@ def test_ap_benchmark_plan_is_the_benchmarks_protocol():
     assert all(s.cfg.attack_preset == "ap" and s.result.endswith("model_best_ap.json") for s in tests)
 
 
+def test_hydra_mnist_plan_tests_each_objective_with_its_own_measure():
+    graph = graph_of(os.path.join(PLANS, "hydra-mnist.yaml"))
+    assert {(c.objective, c.mode, c.k) for c in graph.cells} == {
+        (o, m, k) for o in ("pgd", "smooth", "mixtrain", "crown-ibp")
+        for m, k in (("pretrain", None), ("score_finetune", 0.1), ("score_finetune", 0.01))}
+    measures = {"pgd": ("natural,pgd50,autoattack", 1000), "smooth": ("natural,certify", 500),
+                "mixtrain": ("natural,ibp,sym,crown-ibp", 1000), "crown-ibp": ("natural,ibp,sym,crown-ibp", 1000)}
+    for cell in graph.cells:
+        test = graph.stages[cell.test].cfg
+        assert (test.attacks, test.n_examples) == measures[cell.objective]
+        assert test.dataset == "MNIST" and test.arch == "cifar_model"
+        if cell.objective == "smooth":
+            assert (test.noise_std, test.certify_n, test.certify_radii) == (0.25, 10000, [0.25, 0.5, 0.75])
+        else:
+            assert test.epsilon == 0.1
+    trains = [s.cfg for s in graph.stages.values() if s.kind == "train"]
+    assert len(trains) == 20 and {cfg.trainer for cfg in trains} == {"adv", "smooth", "mixtrain", "crown-ibp"}
+
+
 def test_seeds_get_their_own_subtrees_and_pretrains(tmp_path):
     graph = graph_of(write_plan(tmp_path, seeds=[1, 2], methods=["HARP"]))
     pretrains = [s for s in graph.stages.values() if s.mode == "pretrain"]
@@ -153,6 +172,21 @@ def test_more_specific_flags_win(tmp_path):
     assert stages[("test", "harp_finetune", "weight")].n_examples == 7
     assert stages[("test", "score_finetune", "weight")].n_examples is None
     assert stages[("train", "pretrain", None)].stg_id == "010_uni"  # granularity sections skip unmasked stages
+
+
+def test_objective_sections_set_the_options_of_that_objectives_cells(tmp_path):
+    flags = {"test": {"attacks": "natural"}, "mixtrain+test": {"attacks": "natural,sym"},
+             "smooth": {"noise_std": 0.5}, "mixtrain+prune": {"epochs": 2}}
+    graph = graph_of(write_plan(tmp_path, archs=["cifar_model"], objectives=["pgd", "smooth", "mixtrain"],
+                                methods=["dense", "Hydra"], flags=flags))
+    assert {c.objective for c in graph.cells} == {"pgd", "smooth", "mixtrain"}
+    for stage in graph.stages.values():
+        objective = stage.cfg.trainer if stage.cfg.trainer in ("smooth", "mixtrain") else stage.cfg.adv_loss
+        if stage.kind == "test":
+            assert stage.cfg.attacks == ("natural,sym" if objective == "mixtrain" else "natural")
+        assert (stage.cfg.noise_std == 0.5) == (objective == "smooth")
+        if stage.kind == "train" and stage.stage == "prune":
+            assert (stage.cfg.epochs == 2) == (objective == "mixtrain")
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -514,3 +548,29 @@ def test_estimate_follows_the_documented_formula(tmp_path):
     missing = estimate.report(graph, [])
     assert any("scripts/benchmark.py --device cuda --arch small_cnn --dataset digits" in line for line in missing)
     assert any("s_adv(K)" in line for line in missing)  # the formula, for want of a benchmark
+
+
+def test_estimate_of_the_certified_objectives_follows_the_documented_formula(tmp_path):
+    flags = {"pretrain": {"epochs": 4, "val_every": 4}, "crown-ibp+pretrain": {"schedule_length": 3},
+             "mixtrain+pretrain": {"mixtrain_k": 2, "batch_size": 50},
+             "test": {"attacks": "natural,certify,ibp,sym,crown-ibp", "certify_n": 100, "certify_n0": 10,
+                      "n_examples": 10}}
+    graph = graph_of(write_plan(tmp_path, archs=["cifar_model"], objectives=["smooth", "crown-ibp", "mixtrain"],
+                                methods=["dense"], flags=flags))
+    bench = tmp_path / "bench.json"
+    rates = {"plain_train": 1000.0, "pgd10_at": 100.0, "pgd10_harp_prune": 80.0, "forward_plain": 5000.0,
+             "smooth_train": 500.0, "crown_ibp_train": 50.0, "ibp_train": 400.0, "sym_train": 4.0,
+             "ibp_verify": 2000.0, "sym_verify": 20.0, "crown_ibp_verify": 200.0, "certify_draws": 4000.0}
+    bench.write_text(json.dumps({"arch": "cifar_model", "input_shape": [1, 8, 8], "device": "cpu",
+                                 "images_per_s": rates, "R3": 1.0}))
+    benches = [estimate.load_bench(str(bench))]
+    seconds = {(s.kind, s.cfg.trainer): estimate.stage_cost(s, benches).hours * 3600 for s in graph.stages.values()}
+    train = 4 * 1437   # 4 epochs of the digits training set; one validation on the 360 test images
+    assert seconds[("train", "smooth")] == pytest.approx(train / 500 + 360 * 11 / 5000)
+    # beta > 0 in epochs 0 and 1 of a 3-epoch ramp
+    assert seconds[("train", "crown-ibp")] == pytest.approx(1437 * (2 / 50 + 2 / 400) + 360 * (1 / 2000 + 1 / 5000))
+    assert seconds[("train", "mixtrain")] == pytest.approx(train * (1 / 1000 + 0.8 * 2 / 4 / 50)
+                                                           + 360 * (1 / 20 + 1 / 5000))
+    # 10 points: natural 1 forward, certify 10 + 2 * 100 draws, then each bound's verification
+    test = 10 * (1 / 5000 + 210 / 4000 + 1 / 2000 + 1 / 20 + 1 / 200)
+    assert all(seconds[("test", trainer)] == pytest.approx(test) for trainer in ("smooth", "crown-ibp", "mixtrain"))

@@ -1,4 +1,4 @@
-"""Randomized smoothing (trainers/smoothing.py): Clopper-Pearson bound, CERTIFY / PREDICT on toy models whose
+"""Randomized smoothing (trainers/certify/smoothing.py): Clopper-Pearson bound, CERTIFY / PREDICT on toy models whose
 smoothed classifier is known in closed form, certified-accuracy summaries, and Hydra's training losses.
 
 The toy classifier is linear with two classes, z = (w.x + b, -(w.x + b)), so P(f(x + delta) = sign side) =
@@ -14,10 +14,10 @@ from scipy.stats import beta as beta_dist
 from scipy.stats import binom, norm
 from torch import nn
 
-from trainers.evaluation.scoring import accuracies
-from trainers.smoothing import (ABSTAIN, Certificate, average_certified_radius, certification_summary,
+from trainers.certify.smoothing import (ABSTAIN, Certificate, average_certified_radius, certification_summary,
                                 certified_accuracy, certify, clopper_pearson_lower, gaussian_augmentation_loss,
                                 predict, sample_counts, smooth_loss, smoothed_validation)
+from trainers.evaluation.scoring import accuracies
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

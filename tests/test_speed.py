@@ -17,11 +17,11 @@ from pruning.graph import inspect_layers
 from pruning.init import init_scores_from_weights, set_keep_rates
 from pruning.trainable import set_trainable
 from pruning.wrap import freeze_masks, masked_layers, sparsify
-from trainers.attacks import pgd
-from trainers.regularizers import HardwareLoss
-from trainers.threat import ThreatModel
+from trainers.attacks.pgd import pgd
+from trainers.attacks.threat import ThreatModel
 from trainers.engine import train_one_epoch
 from trainers.objectives import ObjectiveSettings, pgd_at
+from trainers.regularizers import HardwareLoss
 
 K = 0.1
 SETTINGS = ObjectiveSettings(threat=ThreatModel(eps=0.031, step_size=0.0078, steps=10))

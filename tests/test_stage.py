@@ -8,7 +8,7 @@ from data.info import dataset_info
 from stage import Source, build_stage
 from trainers.protocols import Stateful
 from trainers.regularizers import HOOKS
-from trainers.threat import threat_from_config
+from trainers.attacks.threat import threat_from_config
 from trainers.training import TRAINERS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

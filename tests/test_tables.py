@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from scripts import make_tables, plots
+from trainers.evaluation.report import RESULT_FORMAT_VERSION
 
 
 def result(arch, exp_mode, keep, natural, robust, *, dataset="CIFAR10", prune_reg="weight", preset="standard",
@@ -14,7 +15,8 @@ def result(arch, exp_mode, keep, natural, robust, *, dataset="CIFAR10", prune_re
     layers = layers or {"features.0": (0.5, 1000), "classifier.0": (keep, 9000)}
     per_layer = {name: {"kept": round(k * t), "total": t, "keep": k, "rate": k} for name, (k, t) in layers.items()}
     kept, total = sum(v["kept"] for v in per_layer.values()), sum(v["total"] for v in per_layer.values())
-    out = {"arch": arch, "dataset": dataset, "exp_mode": exp_mode, "k": keep, "prune_reg": prune_reg,
+    out = {"format_version": RESULT_FORMAT_VERSION,
+           "arch": arch, "dataset": dataset, "exp_mode": exp_mode, "k": keep, "prune_reg": prune_reg,
            "checkpoint": "x", "n_examples": n, "preset": preset, "epsilon": 0.031, "natural_acc": natural,
            "attacks": {attack: {"robust_acc": robust, "eps": 0.031, "norm": "linf"}},
            # global_keep is the given keep (the table's sparsity column); the per-layer counts are illustrative

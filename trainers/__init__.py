@@ -1,1 +1,2 @@
-"""Layer 4: attacks, adversarial-training objectives, the epoch loops and evaluation."""
+"""Layer 4: attack algorithms (`attacks/`), certification (`certify/`), evaluation (`evaluation/`), and the training
+objectives and epoch loops."""

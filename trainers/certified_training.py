@@ -1,6 +1,7 @@
 """Training loops of Hydra's certified objectives (`--trainer smooth`, `--trainer crown-ibp`; Hydra's
-trainer/smooth.py and trainer/crown_ibp.py). Both step through the shared epoch of trainers/engine.py, so the recipe's regularizers
-(HARP's hardware loss), bf16, progress and the finite-loss check apply unchanged, in every exp-mode.
+trainer/smooth.py and trainer/crown_ibp.py; the third, MixTrain, is trainers/mixtrain.py). Both step through the
+shared epoch of trainers/engine.py, so the recipe's regularizers (HARP's hardware loss), bf16, progress and the
+finite-loss check apply unchanged, in every exp-mode.
 
     smooth     randomized smoothing (Cohen et al. 2019) with noise std --noise-std on [0, 1] inputs:
                --smooth-loss kl: Hydra's CE(f(x)) + --beta * KL(p(x) || p(x + delta)) (its non-ImageNet trainer);
@@ -8,7 +9,7 @@ trainer/smooth.py and trainer/crown_ibp.py). Both step through the shared epoch 
     crown-ibp  Zhang et al. (ICLR 2020) as Hydra trains it: CE on minus the lower bound of the margins over the
                Linf --epsilon ball, the bound a mix beta * CROWN-IBP + (1 - beta) * IBP; eps ramps per step from
                --starting-epsilon to --epsilon over --schedule-length epochs from --schedule-start, and beta falls
-               from 1 to 0 with it (trainers/bounds.py). Needs an nn.Sequential of Conv2d/Linear/ReLU/Flatten
+               from 1 to 0 with it (trainers/certify/bounds.py). Needs an nn.Sequential of Conv2d/Linear/ReLU/Flatten
                (cifar_model, cifar_model_large); any other model is refused when the run is set up.
 
 Each loop names its per-epoch validation (`validation_method`, read by trainers.evaluation.validation): the
@@ -22,12 +23,12 @@ import torch
 import torch.nn as nn
 
 from configs.errors import UserError
-from trainers.bounds import IBP, bound_steps, crown_ibp_loss, crown_ibp_schedule
+from trainers.attacks.threat import LINF, ThreatModel
+from trainers.certify.bounds import IBP, bound_steps, crown_ibp_loss, crown_ibp_schedule
+from trainers.certify.smoothing import gaussian_augmentation_loss, smooth_loss
 from trainers.engine import ObjectiveLoop, train_one_epoch
 from trainers.objectives import Objective, ObjectiveSettings
 from trainers.protocols import TrainingLoop
-from trainers.smoothing import gaussian_augmentation_loss, smooth_loss
-from trainers.threat import LINF, ThreatModel
 
 # The loops' per-epoch validation: --val-method names (trainers/evaluation/validation.py).
 SMOOTH_VALIDATION, IBP_VALIDATION = "smooth", IBP
@@ -35,12 +36,13 @@ SMOOTH_VALIDATION, IBP_VALIDATION = "smooth", IBP
 
 # ----------------------------------------------------------------------------------------------- smoothing
 def smoothing_kl(model, attack_model, x, y, settings: ObjectiveSettings) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Hydra's smooth objective (trainers.smoothing.smooth_loss); returns the clean logits."""
+    """Hydra's smooth objective (trainers.certify.smoothing.smooth_loss); returns the clean logits."""
     return smooth_loss(model, x, y, sigma=settings.noise_std, beta=settings.beta)
 
 
 def gaussian_augmentation(model, attack_model, x, y, settings: ObjectiveSettings) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cohen et al.'s noise augmentation (trainers.smoothing.gaussian_augmentation_loss); returns the noisy logits."""
+    """Cohen et al.'s noise augmentation (trainers.certify.smoothing.gaussian_augmentation_loss); returns the noisy
+    logits."""
     return gaussian_augmentation_loss(model, x, y, sigma=settings.noise_std)
 
 
@@ -68,7 +70,8 @@ def bounded_module(model: nn.Module) -> nn.Module:
     bounds compute); DistributedDataParallel is refused, because bounds computed on the inner module would
     bypass its gradient synchronisation."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise UserError("--trainer crown-ibp runs in a single process; start it without torchrun")
+        raise UserError("the bound-trained loops (--trainer crown-ibp, mixtrain) run in a single process; start "
+                        "them without torchrun")
     return getattr(model, "_orig_mod", model)
 
 
@@ -107,7 +110,7 @@ class CrownIBPLoop(TrainingLoop):
             raise UserError("--trainer crown-ibp bounds Linf balls; use --distance l_inf")
 
     def check_model(self, model: nn.Module) -> None:
-        """A one-line UserError at set-up for a model the bounds cannot walk (trainers.bounds.bound_steps)."""
+        """A one-line UserError at set-up for a model the bounds cannot walk (trainers.certify.bounds.bound_steps)."""
         bound_steps(model)
 
     def ramp(self, epoch: int, step: int, steps_per_epoch: int) -> Tuple[float, float]:

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from configs.errors import UserError
-from trainers.attacks import pgd
+from trainers.attacks.pgd import pgd
+from trainers.attacks.threat import ThreatModel, random_start
 from trainers.engine import ObjectiveLoop
 from trainers.objectives import Objective, ObjectiveSettings
 from trainers.regularizers import HOOKS
-from trainers.threat import ThreatModel, random_start
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from trainers.engine import EpochTotals, autocast, epoch_batches, regularized_backward
 from trainers.protocols import TrainingLoop
 from trainers.regularizers import Regularizer
-from trainers.threat import ThreatModel
+from trainers.attacks.threat import ThreatModel
 
 
 class FreePerturbation:

@@ -12,8 +12,9 @@ from typing import Callable, Tuple
 import torch
 import torch.nn.functional as F
 
-from trainers.attacks import fgsm, pgd, trades_attack
-from trainers.threat import ThreatModel, eval_mode
+from trainers.attacks.pgd import fgsm, pgd, trades_attack
+from trainers.attacks.threat import ThreatModel
+from utils.modes import eval_mode
 from utils.registry import Registry
 
 Objective = Callable[..., Tuple[torch.Tensor, torch.Tensor]]

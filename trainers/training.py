@@ -5,6 +5,7 @@
     freeadv  Free-AT (Shafahi et al. 2019) with a perturbation that persists across batches and epochs
              (trainers/free_at.py)
     smooth, crown-ibp  Hydra's certified objectives (trainers/certified_training.py)
+    mixtrain           Hydra's third one: clean CE + symbolic-interval robust CE on a few points (trainers/mixtrain.py)
     fast     Fast-AT (Wong et al. 2020): one FGSM step of 1.25 eps from a random start, with the catastrophic-
              overfitting guard (trainers/fast_at.py)
 
@@ -20,6 +21,7 @@ from trainers.certified_training import CrownIBPLoop, SmoothingLoop
 from trainers.engine import ObjectiveLoop
 from trainers.fast_at import FastATLoop
 from trainers.free_at import FreeATLoop
+from trainers.mixtrain import MixTrainLoop
 from utils.registry import Registry
 
 TRAINERS = Registry("training loop")
@@ -29,4 +31,5 @@ TRAINERS.add("adv", ObjectiveLoop)
 TRAINERS.add("freeadv", FreeATLoop)          # Free-AT (trainers/free_at.py)
 TRAINERS.add("smooth", SmoothingLoop)        # randomized smoothing (trainers/certified_training.py)
 TRAINERS.add("crown-ibp", CrownIBPLoop)      # verifiable training (trainers/certified_training.py)
+TRAINERS.add("mixtrain", MixTrainLoop)       # verifiable training (trainers/mixtrain.py)
 TRAINERS.add("fast", FastATLoop)             # Fast-AT (trainers/fast_at.py)

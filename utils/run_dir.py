@@ -5,8 +5,8 @@ decisions tied to it: where a stage's source checkpoint is, whether a run starts
   <result_dir>/<arch>/<dataset>/[normalize/]<objective>/<dataset>_<prune_reg>_<stg_id>_<k>/<exp_mode>/
 
 <objective> is the adversarial loss (pgd, trades, mart), `nat` for natural training, `freeadv` for
-Free-AT, `fast` for Fast-AT, `smooth` / `gaussian` for randomized smoothing (--smooth-loss kl / gaussian) and
-`crown-ibp`.
+Free-AT, `fast` for Fast-AT, `smooth` / `gaussian` for randomized smoothing (--smooth-loss kl / gaussian),
+`crown-ibp` and `mixtrain`.
 `--exp-name` replaces the `pretrain` / `<dataset>_<prune_reg>_<stg_id>_<k>` component of the current stage
 (and of the prune stage a finetune reads from). Inside a run directory:
 
@@ -34,8 +34,8 @@ def objective_component(cfg) -> str:
         return cfg.trainer
     if cfg.trainer == "smooth":  # randomized smoothing: Hydra's KL loss, or Gaussian augmentation
         return "smooth" if cfg.smooth_loss == "kl" else "gaussian"
-    if cfg.trainer == "crown-ibp":
-        return "crown-ibp"
+    if cfg.trainer in ("crown-ibp", "mixtrain"):  # the verifiable objectives
+        return cfg.trainer
     if cfg.trainer == "base" or cfg.adv_loss == "nat":
         return "nat"
     return cfg.adv_loss

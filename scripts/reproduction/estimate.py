@@ -3,9 +3,13 @@
 A benchmark JSON (python scripts/benchmark.py --device cuda --arch ARCH --dataset DATASET --batch-size B --out F)
 gives, for one architecture and input shape, seconds per image of a plain training step (s_plain), a PGD-10 AT
 step (s_at), a harp_prune PGD-10 step (s_prune), a finetune step relative to a plain one (R3) and an eval forward
-(s_fwd). AutoAttack's cost model is AutoAttack's per-component query counts, with the clean and robust fractions assumed at 0.8 and
-0.48 (adversarially trained CIFAR models); it is the least certain term. Stages shared by several cells count once.
-The result is in hours of the benchmark's device (GPU hours when it ran on CUDA), one stage at a time on one device.
+(s_fwd); for a model the bounds can walk also Hydra's certified objectives (s_smooth, s_crown, s_ibp, the symbolic
+robust loss per point s_sym, per image the verification of each bound, s_verify[b], and one certify draw, s_draw),
+measured on a random model at the benchmark's --epsilon on its images (real test images with --data-dir): the
+bounds' cost grows with the unstable ReLUs, so this overestimates a model trained to be verifiable. AutoAttack's cost model is AutoAttack's per-component query counts, with the clean and robust
+fractions assumed at 0.8 and 0.48 (adversarially trained CIFAR models); it is the least certain term. Stages shared
+by several cells count once. The result is in hours of the benchmark's device (GPU hours when it ran on CUDA), one
+stage at a time on one device.
 """
 import json
 import math
@@ -16,7 +20,10 @@ from configs.errors import UserError
 from configs.recipes import RECIPES
 from data.info import dataset_info
 from scripts.reproduction.plan import TEST, TRAIN, Graph, Stage
+from trainers.certify.bounds import METHODS as BOUNDS
 from trainers.evaluation.registry import parse_attacks
+from trainers.evaluation.validation import validation_options
+from trainers.mixtrain import MIXTRAIN_PROBABILITY
 
 # Training / test split sizes of the standard datasets (torchvision's; digits: this toolkit's fixed split).
 SPLIT_SIZES = {"CIFAR10": (50000, 10000), "CIFAR100": (50000, 10000), "SVHN": (73257, 26032),
@@ -30,19 +37,28 @@ steps (--num-steps) and seconds per image s_* from the benchmark:
   finetune          E N s_adv(K) R3                (frozen masks)
   Free-AT           E N m s_plain                  (m = --n-repeats; x s_prune/s_at when pruning, x R3 finetuning)
   natural training  E N s_plain                    (x R3 when finetuning)
-  validation        V M (s_adv(K) - s_plain + 2 s_fwd)   (V validated epochs; M s_fwd with --val-method base)
-  test              n s_fwd sum_a F_a              (n test images; F_a forward-equivalents per image of attack a:
-                    natural 1, fgsm 3, pgdK 1+2K, cw 41, apgd 501, autoattack 1 + 200 p_clean + 9500 p_robust)"""
+  smoothing         E N s_smooth                   (--smooth-loss gaussian: s_plain; pruning and finetuning as above)
+  CROWN-IBP         N (E_r s_crown + (E - E_r) s_ibp)    (E_r epochs of the eps ramp, where beta > 0)
+  MixTrain          E N (s_plain + 0.8 k s_sym / B)      (k = --mixtrain-k, B = --batch-size)
+  validation        V M (s_adv(K) - s_plain + 2 s_fwd)   (V validated epochs; M s_fwd with --val-method base;
+                    smooth 11 s_fwd; ibp / sym: s_verify[b] + s_fwd)
+  test              n (s_fwd sum_a F_a + sum_b s_verify[b])   (n test images; F_a forward-equivalents per image of
+                    attack a: natural 1, fgsm 3, pgdK 1+2K, cw 41, apgd 501, autoattack 1 + 200 p_clean + 9500
+                    p_robust, certify N0 + 2N, or (N0 + 2N) s_draw / s_fwd when benchmarked; b the bounds ibp,
+                    sym, crown-ibp)"""
 # AutoAttack's survivors (see the module docstring): clean-correct and robust fractions.
 AA_CLEAN, AA_ROBUST = 0.8, 0.48
 
 
-def attack_cost(name: str, preset: str = "standard") -> Optional[float]:
+def attack_cost(name: str, preset: str = "standard", certify_draws: int = 0) -> Optional[float]:
     """Forward-equivalents per test image of one test.py attack (a backward to the input counts as one forward),
-    None for an attack this model does not know."""
+    None for an attack this model does not know (the bounds: their seconds are measured, s_verify).
+    certify_draws: N0 + 2N of --attacks certify."""
     pgd = {"pgd10": 10, "pgd20": 20, "pgd50": 50}
     if name == "natural":
         return 1.0
+    if name == "certify":
+        return float(certify_draws)
     if name == "fgsm":
         return 3.0
     if name in pgd:
@@ -70,6 +86,19 @@ class Bench:
     s_prune: float
     r3: float
     s_fwd: float
+    # Hydra's certified objectives (None: the benchmark did not time them, its model is no plain Sequential)
+    s_smooth: Optional[float] = None
+    s_crown: Optional[float] = None
+    s_ibp: Optional[float] = None
+    s_sym: Optional[float] = None
+    s_verify: Optional[Dict[str, float]] = None   # bound name -> seconds per verified image
+    s_draw: Optional[float] = None                # one noisy copy classified and counted by certify
+
+
+# The benchmark's certified configurations behind the Bench fields, and those of the bounds' verification.
+CERTIFIED_FIELDS = {"s_smooth": "smooth_train", "s_crown": "crown_ibp_train", "s_ibp": "ibp_train",
+                    "s_sym": "sym_train", "s_draw": "certify_draws"}
+VERIFY_CONFIGS = {"ibp": "ibp_verify", "sym": "sym_verify", "crown-ibp": "crown_ibp_verify"}
 
 
 def load_bench(path: str) -> Bench:
@@ -77,9 +106,12 @@ def load_bench(path: str) -> Bench:
         with open(path) as fh:
             data = json.load(fh)
         rate = data["images_per_s"]
+        certified = {field: 1 / rate[config] for field, config in CERTIFIED_FIELDS.items() if config in rate}
+        verify = {bound: 1 / rate[config] for bound, config in VERIFY_CONFIGS.items() if config in rate}
         return Bench(path, data["arch"], tuple(data["input_shape"]),
                      f"{data.get('device_name', data['device'])} ({data['device']})", 1 / rate["plain_train"],
-                     1 / rate["pgd10_at"], 1 / rate["pgd10_harp_prune"], float(data["R3"]), 1 / rate["forward_plain"])
+                     1 / rate["pgd10_at"], 1 / rate["pgd10_harp_prune"], float(data["R3"]), 1 / rate["forward_plain"],
+                     s_verify=verify or None, **certified)
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as err:
         raise UserError(f"{path} is not a scripts/benchmark.py result ({type(err).__name__}: {err})") from None
 
@@ -104,12 +136,14 @@ def stage_cost(stage: Stage, benches: Sequence[Bench]) -> StageCost:
     n_train = n_train * cfg.data_fraction
     if stage.kind == TEST:
         n = min(cfg.n_examples or n_test, n_test)
-        costs = {a: attack_cost(a, cfg.attack_preset) for a in parse_attacks(cfg.attacks)}
-        unknown = [a for a, c in costs.items() if c is None]
         bench = _bench_for(stage, benches)
-        if bench is None or unknown:
-            return StageCost(stage, None, n, f"no cost model for {', '.join(unknown)}" if unknown else "")
-        return StageCost(stage, n * bench.s_fwd * sum(costs.values()) / 3600, n)
+        if bench is None:
+            return StageCost(stage, None, n)
+        seconds = {a: _test_seconds(a, cfg, bench) for a in parse_attacks(cfg.attacks)}
+        unknown = [a for a, s in seconds.items() if s is None]
+        if unknown:
+            return StageCost(stage, None, n, f"no cost model for {', '.join(unknown)}")
+        return StageCost(stage, n * sum(seconds.values()) / 3600, n)
     epochs = cfg.epochs + cfg.warmup_epochs
     bench = _bench_for(stage, benches)
     if bench is None:
@@ -119,9 +153,35 @@ def stage_cost(stage: Stage, benches: Sequence[Bench]) -> StageCost:
         return StageCost(stage, None, epochs * n_train, f"no cost model for --trainer {cfg.trainer}")
     n_val = cfg.val_split * n_train if cfg.val_split else n_test
     validations = math.ceil(epochs / cfg.val_every) + (1 if RECIPES[cfg.exp_mode].masked else 0)
-    s_val = bench.s_fwd if cfg.val_method == "base" else _adv(bench, cfg.num_steps) - bench.s_plain + 2 * bench.s_fwd
+    s_val = _validation_seconds(cfg, bench)
+    if s_val is None:
+        return StageCost(stage, None, epochs * n_train, f"no cost model for --val-method {cfg.val_method}")
     seconds = epochs * n_train * step + validations * n_val * s_val
     return StageCost(stage, seconds / 3600, epochs * n_train)
+
+
+def _test_seconds(name: str, cfg, bench: Bench) -> Optional[float]:
+    """Seconds per test image of one attack or bound."""
+    if name in BOUNDS:
+        return (bench.s_verify or {}).get(name)
+    draws = cfg.certify_n0 + 2 * cfg.certify_n
+    if name == "certify" and bench.s_draw is not None:
+        return draws * bench.s_draw
+    cost = attack_cost(name, cfg.attack_preset, certify_draws=draws)
+    return None if cost is None else cost * bench.s_fwd
+
+
+def _validation_seconds(cfg, bench: Bench) -> Optional[float]:
+    """Seconds per validation image of the run's measure (trainers/evaluation/validation.py)."""
+    method = validation_options(cfg)["method"]
+    if method == "base":
+        return bench.s_fwd
+    if method == "smooth":
+        return 11 * bench.s_fwd   # the clean pass and 10 noise draws
+    if method in BOUNDS:
+        verify = (bench.s_verify or {}).get(method)
+        return None if verify is None else verify + bench.s_fwd
+    return _adv(bench, cfg.num_steps) - bench.s_plain + 2 * bench.s_fwd
 
 
 def _adv(bench: Bench, steps: int) -> float:
@@ -141,6 +201,21 @@ def _train_step_seconds(stage: Stage, bench: Bench) -> Optional[float]:
         return bench.s_plain * masks
     if cfg.trainer == "adv":
         return _adv(bench, cfg.num_steps) * masks
+    certified = _certified_step_seconds(cfg, bench)
+    return None if certified is None else certified * masks
+
+
+def _certified_step_seconds(cfg, bench: Bench) -> Optional[float]:
+    """Seconds per training image of a dense step of Hydra's certified loops (None: not benchmarked)."""
+    if cfg.trainer == "smooth":
+        return bench.s_plain if cfg.smooth_loss == "gaussian" else bench.s_smooth
+    if cfg.trainer == "crown-ibp" and bench.s_crown is not None:
+        epochs = cfg.epochs + cfg.warmup_epochs
+        # beta > 0 until the start of epoch schedule_start + schedule_length - 1 (no ramp at all for length <= 1)
+        ramp = min(epochs, cfg.schedule_start + cfg.schedule_length - 1) if cfg.schedule_length > 1 else 0
+        return (ramp * bench.s_crown + (epochs - ramp) * bench.s_ibp) / epochs
+    if cfg.trainer == "mixtrain" and bench.s_sym is not None:
+        return bench.s_plain + MIXTRAIN_PROBABILITY * cfg.mixtrain_k * bench.s_sym / cfg.batch_size
     return None
 
 

@@ -31,8 +31,10 @@ shares one stage.
   an exp-mode (harp_prune)   that mode's train stage; with `test`, its test
   weight, channel            the masked stages (and their tests) of cells of that granularity
   a dataset, an arch         the stages of cells of that dataset / architecture
+  an objective of the plan   the stages of cells of that objective (`mixtrain+test`: how MixTrain models are tested)
 Alternatives of one kind (`prune+finetune`) match either. More specific sections win: each selector weighs all 0,
-train/test/granularity/dataset/arch 1, stage 2, exp-mode 3, summed over a key; at equal weight the later section wins.
+train/test/granularity/dataset/arch/objective 1, stage 2, exp-mode 3, summed over a key; at equal weight the later
+section wins.
 """
 import os
 from dataclasses import dataclass, field
@@ -44,8 +46,8 @@ from configs.cli import resolve_config
 from configs.errors import UserError
 from configs.recipes import RECIPES, STAGES, canonical_mode
 from configs.schema import DATASETS, FLAG, FLOATS, OPTION_BY_NAME, TRISTATE, Config
-from utils.run_dir import checkpoint_path, checkpoint_stem, eval_dir_for, objective_component, run_dir, \
-    source_checkpoint
+from trainers.evaluation.report import result_path
+from utils.run_dir import checkpoint_path, objective_component, run_dir, source_checkpoint
 
 TRAIN, TEST = "train", "test"
 SCRIPTS = {TRAIN: "train.py", TEST: "test.py"}
@@ -59,7 +61,8 @@ RESERVED = {"dataset": "a grid axis (datasets)", "arch": "a grid axis (archs)", 
             "skip_finished": "set by the plan", "overwrite": "a plan never deletes runs",
             "resume": "interrupted runs resume by themselves", "source_net": "stages chain by their run directories",
             "evaluate": "not a stage", "results_file": "every test writes its own result file"}
-_SELECTOR_WEIGHTS = {"all": 0, "kind": 1, "granularity": 1, "dataset": 1, "arch": 1, "stage": 2, "mode": 3}
+_SELECTOR_WEIGHTS = {"all": 0, "kind": 1, "granularity": 1, "dataset": 1, "arch": 1, "objective": 1, "stage": 2,
+                     "mode": 3}
 
 
 # ----------------------------------------------------------------------------------------------- the plan file
@@ -76,7 +79,7 @@ class Section:
         if kinds is None and ("stage" in self.selectors or "mode" in self.selectors):
             kinds = frozenset({TRAIN})  # a stage or mode alone names the training stage
         wanted = {"kind": node.kind, "stage": node.stage, "mode": node.mode, "granularity": node.granularity,
-                  "dataset": node.dataset, "arch": node.arch}
+                  "dataset": node.dataset, "arch": node.arch, "objective": node.objective}
         for name, value in wanted.items():
             accepted = kinds if name == "kind" else self.selectors.get(name)
             if accepted is not None and value not in accepted:
@@ -130,14 +133,14 @@ def load_plan(path: str, result_dir: Optional[str] = None) -> Plan:
         raise UserError(f"plan {path}: seeds must be distinct non-negative integers")
     arch_names = tuple(_choice(a, archs, "architecture", path) for a in _listed(data, "archs", path)) or (None,)
     datasets = tuple(_choice(d, DATASETS, "dataset", path) for d in _listed(data, "datasets", path))
+    objectives = tuple(str(o) for o in _listed(data, "objectives", path))
     return Plan(
         path=path, name=str(data.get("name") or os.path.splitext(os.path.basename(path))[0]),
         description=str(data.get("description") or ""),
         result_dir=os.path.normpath(result_dir or str(data.get("result_dir") or "trained_models")),
-        datasets=datasets, archs=arch_names,
-        objectives=tuple(str(o) for o in _listed(data, "objectives", path)) or (None,),
+        datasets=datasets, archs=arch_names, objectives=objectives or (None,),
         seeds=seeds, methods=methods, granularities=granularities,
-        sections=_sections(data.get("flags") or {}, path, archs),
+        sections=_sections(data.get("flags") or {}, path, archs, objectives),
         slurm=_mapping(data, "slurm", path), collect=_mapping(data, "collect", path))
 
 
@@ -214,14 +217,14 @@ def _granularities(value: Any, path: str) -> Tuple[Tuple[str, Tuple[float, ...]]
     return tuple(out)
 
 
-def _sections(value: Any, path: str, archs: Sequence[str]) -> Tuple[Section, ...]:
+def _sections(value: Any, path: str, archs: Sequence[str], objectives: Sequence[str]) -> Tuple[Section, ...]:
     if not isinstance(value, dict):
         raise UserError(f"`flags` in plan {path} must map selectors to options")
     sections = []
     for key, options in value.items():
         selectors: Dict[str, set] = {}
         for token in str(key).split("+"):
-            kind, name = _selector(token.strip(), str(key), path, archs)
+            kind, name = _selector(token.strip(), str(key), path, archs, objectives)
             if kind != "all":
                 selectors.setdefault(kind, set()).add(name)
         if len(selectors.get("kind", ())) > 1:
@@ -241,7 +244,8 @@ def _sections(value: Any, path: str, archs: Sequence[str]) -> Tuple[Section, ...
     return tuple(sections)
 
 
-def _selector(token: str, key: str, path: str, archs: Sequence[str]) -> Tuple[str, Optional[str]]:
+def _selector(token: str, key: str, path: str, archs: Sequence[str],
+              objectives: Sequence[str]) -> Tuple[str, Optional[str]]:
     low = token.lower()
     if low == "all":
         return "all", None
@@ -255,12 +259,13 @@ def _selector(token: str, key: str, path: str, archs: Sequence[str]) -> Tuple[st
         pass
     if low in GRANULARITIES:
         return "granularity", low
-    for kind, names in (("dataset", DATASETS), ("arch", archs)):
+    for kind, names in (("objective", objectives), ("dataset", DATASETS), ("arch", archs)):
         for name in names:
             if name.lower() == low:
                 return kind, name
     raise UserError(f"unknown selector {token!r} in flags key {key!r} of plan {path}; use all, train, test, a stage "
-                    f"({', '.join(STAGES)}), an exp-mode, weight, channel, a dataset or an architecture")
+                    f"({', '.join(STAGES)}), an exp-mode, weight, channel, a dataset, an architecture or one of "
+                    f"the plan's objectives")
 
 
 # ----------------------------------------------------------------------------------------------- the graph
@@ -273,6 +278,7 @@ class NodeInfo:
     granularity: Optional[str]
     dataset: str
     arch: str
+    objective: Optional[str]       # as the plan names it (None: the preset's)
 
 
 @dataclass(frozen=True)
@@ -400,7 +406,8 @@ def _stage(graph: Graph, choices, kind: str, mode: str, point: GridPoint, granul
     """The stage `kind` of `mode` for this cell: added to the graph, or the equal one already there."""
     plan = graph.plan
     masked = RECIPES[mode].masked
-    info = NodeInfo(kind, RECIPES[mode].stage, mode, granularity if masked else None, point.dataset, point.arch)
+    info = NodeInfo(kind, RECIPES[mode].stage, mode, granularity if masked else None, point.dataset, point.arch,
+                    point.objective)
     argv = list(point.base) + ["--exp-mode", mode]
     argv += ["--k", f"{k:g}", "--prune-reg", granularity] if masked else []
     argv += _flag_tokens(plan, info)
@@ -421,8 +428,7 @@ def _stage(graph: Graph, choices, kind: str, mode: str, point: GridPoint, granul
             raise UserError(f"plan {plan.path}: the test of {label} would read {directory}, but its run is "
                             f"{previous.run_dir}; set options that name a run (stg_id) for train and test alike")
         checkpoint = checkpoint_path(directory, cfg.checkpoint)
-        # test.py's result file: <run dir>/eval/<checkpoint stem>_<attack preset>.json
-        result = os.path.join(eval_dir_for(checkpoint), f"{checkpoint_stem(checkpoint)}_{cfg.attack_preset}.json")
+        result = result_path(checkpoint, cfg.attack_preset)
         result = result if os.path.isabs(directory) else os.path.relpath(result)  # as the run directory is given
         stage = Stage(f"{TEST}/{os.path.relpath(result, plan.result_dir)}", kind, mode, TEST, f"test {label}",
                       tuple(argv), cfg, directory, (previous.key,), result, checkpoint)

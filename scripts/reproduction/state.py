@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 
 from configs.schema import config_to_dict
 from scripts.reproduction.plan import TRAIN, Graph, Stage
+from trainers.evaluation.report import is_complete_result
 from utils.atomic import atomic_write
 from utils.checkpoint import load_checkpoint
 from utils.run_dir import checkpoint_path, config_differences, finished_with_same_settings
@@ -137,11 +138,13 @@ def _remove(path: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- stage states
 def test_done(result: str, checkpoint: str) -> bool:
-    """test.py wrote this result after the checkpoint it evaluates was last written."""
+    """test.py wrote this result, with every attack finished, after the checkpoint it evaluates was last written (an
+    incomplete result is resumed by running the test again)."""
     try:
-        return os.path.getmtime(result) >= os.path.getmtime(checkpoint)
+        newer = os.path.getmtime(result) >= os.path.getmtime(checkpoint)
     except OSError:
         return False
+    return newer and is_complete_result(result)
 
 
 def stage_done(stage: Stage) -> bool:

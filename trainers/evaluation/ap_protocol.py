@@ -19,9 +19,11 @@ import dataclasses
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
+
+from trainers.attacks.fmn_tune import SearchSpace
+from trainers.attacks.threat import LINF
 from trainers.evaluation.registry import NATURAL, parse_attacks
-from trainers.fmn import (AP_CURVE_EPS_MAX, AP_CURVE_POINTS, AP_EPS, AP_EVAL_POINTS, AP_STEPS, AP_TUNE_POINTS,
-                          AP_TUNE_STEPS, AP_TUNE_TRIALS)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,22 @@ AP_AA_BATCH = 500
 AP_DATASETS = ("CIFAR10", "SVHN")
 AP_ATTACKS = (NATURAL, "autoattack", "fmn")  # what `--attacks all` runs under the preset
 BENCHMARK = "Adversarial Pruning benchmark (Piras et al. 2024, pralab/AdversarialPruningBenchmark)"
+# HO-FMN (Mura et al. 2024) as the benchmark runs it: 32 trials of 100 steps on test points [0, 64), then 200 steps
+# in Linf on test points [2048, 2176); robust accuracy thresholded at 8/255, the curve at 1,000 eps in [0, 0.15].
+AP_NORM = LINF
+AP_TUNE_STEPS, AP_TUNE_TRIALS, AP_TUNE_POINTS = 100, 32, (0, 64)
+AP_STEPS, AP_EVAL_POINTS = 200, (2048, 2176)
+AP_EPS = 8 / 255
+AP_CURVE_EPS_MAX, AP_CURVE_POINTS = 0.15, 1000
+# HO-FMN's search space for SGD: step size log-uniform in [8/255, 10], momentum in [0, 0.9]; loss, optimizer and
+# schedule fixed to the benchmark's DLR, SGD and cosine annealing to 0 (eta_min 0).
+AP_SEARCH_SPACE = SearchSpace(alpha_init=(8 / 255, 10.0), momentum=(0.0, 0.9), losses=("dlr",), optimizers=("sgd",),
+                              schedules=("cosine",), eps_starts=("unbounded",), alpha_final=0.0)
+
+
+def ap_eps_grid() -> List[float]:
+    """The AP benchmark's security-curve budgets: 1,000 evenly spaced eps in [0, 0.15] (the benchmark's plots)."""
+    return torch.linspace(0.0, AP_CURVE_EPS_MAX, AP_CURVE_POINTS, dtype=torch.float64).tolist()
 
 
 def ap_config(cfg, sources: Dict[str, str]) -> Tuple[Any, List[str]]:

@@ -1,18 +1,28 @@
 """APGD-CE from torchattacks, 50 steps and 5 restarts, as the original test.py ran it."""
+from configs.errors import UserError
+from trainers.attacks.threat import L2, LINF
 from trainers.evaluation.registry import ATTACKS, AttackSpec
-from trainers.threat import LINF
 
 APGD_STEPS, APGD_RESTARTS = 50, 5
 
 
 def torchattacks_norm(norm: str) -> str:
     """torchattacks' spelling of a threat model's norm."""
-    if norm not in (LINF, "l2"):
-        raise ValueError(f"torchattacks supports the linf and l2 threat models, not {norm!r}")
+    if norm not in (LINF, L2):
+        raise UserError(f"torchattacks supports the linf and l2 threat models, not {norm!r}")
     return "Linf" if norm == LINF else "L2"
 
 
-def _apgd(model, s):
+def check_torchattacks(model, settings, options, points) -> None:
+    """torchattacks is installed and supports the threat model's norm."""
+    try:
+        import torchattacks  # noqa: F401
+    except ImportError:
+        raise UserError("needs torchattacks (pip install -r requirements.txt)") from None
+    torchattacks_norm(settings.norm)
+
+
+def _apgd(model, s, options):
     import torchattacks
 
     attack = torchattacks.APGD(model, norm=torchattacks_norm(s.norm), eps=s.eps, steps=APGD_STEPS,
@@ -21,6 +31,7 @@ def _apgd(model, s):
 
 
 ATTACKS.add("apgd", AttackSpec(
-    "apgd", f"torchattacks APGD-CE, {APGD_STEPS} steps, {APGD_RESTARTS} restarts",
-    lambda s: dict(steps=APGD_STEPS, restarts=APGD_RESTARTS, loss="ce", rho=0.75,
-                   implementation="torchattacks.APGD", seed=s.seed), make=_apgd))
+    "apgd", f"torchattacks APGD-CE, {APGD_STEPS} steps, {APGD_RESTARTS} restarts", make=_apgd,
+    params=lambda s, options: dict(steps=APGD_STEPS, restarts=APGD_RESTARTS, loss="ce", rho=0.75,
+                                   implementation="torchattacks.APGD", seed=s.seed),
+    check=check_torchattacks))

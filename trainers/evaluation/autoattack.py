@@ -40,12 +40,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from configs.errors import UserError
+from trainers.attacks.threat import ThreatModel, perturbation_norms
 from trainers.evaluation.ap_protocol import AP_PRESET
-from trainers.evaluation.apgd import torchattacks_norm
-from trainers.evaluation.registry import ATTACKS, AttackSpec
+from trainers.evaluation.apgd import check_torchattacks, torchattacks_norm
+from trainers.evaluation.registry import ATTACKS, AttackOptions, AttackSpec, EvalContext, EvalSettings
 from trainers.evaluation.scoring import (PassResult, exceeds_budget, project_and_score, result_entry, score_batches,
                                          stderr)
-from trainers.threat import ThreatModel, eval_mode, perturbation_norms
+from utils.modes import eval_mode
 from utils.progress import progress
 from utils.seed import seed_everything
 
@@ -295,15 +297,36 @@ def _clean_copy(make_batches) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- registration
-def autoattack_entry(model: nn.Module, make_batches: Callable[[], Batches], settings, clean: PassResult) -> Dict[str, Any]:
+@dataclass(frozen=True)
+class AutoAttackOptions(AttackOptions):
+    batch_size: int = 1000  # survivors per attacked batch
+
+    @classmethod
+    def from_config(cls, cfg, context: EvalContext) -> "AutoAttackOptions":
+        """--eval-batch-size, else the dataset's policy for the device (data.info: 1000 on a GPU for small images,
+        else --test-batch-size)."""
+        if cfg.eval_batch_size or context.data is None:
+            return cls(cfg.eval_batch_size or cfg.test_batch_size)
+        on_gpu = context.device is not None and context.device.type == "cuda"
+        return cls(context.data.info.autoattack_batch_size(on_gpu, cfg.test_batch_size))
+
+
+def check_autoattack(model: nn.Module, settings: EvalSettings, options: AutoAttackOptions, points) -> None:
+    if settings.preset not in PRESETS:
+        raise UserError(f"unknown AutoAttack preset {settings.preset!r}; choose one of: {', '.join(PRESETS)}")
+    check_torchattacks(model, settings, options, points)
+
+
+def autoattack_entry(model: nn.Module, make_batches: Callable[[], Batches], settings: EvalSettings,
+                     options: AutoAttackOptions, clean: PassResult) -> Dict[str, Any]:
     """test.py's `autoattack`: the preset's ensemble over the whole set, as one result entry."""
     components = build_components(model, settings.preset, settings.threat, num_classes=settings.num_classes,
                                   seed=settings.seed)
-    result = run_autoattack(model, make_batches, components, settings.threat, batch_size=settings.aa_batch_size,
+    result = run_autoattack(model, make_batches, components, settings.threat, batch_size=options.batch_size,
                             seed=settings.seed, show_progress=settings.show_progress, clean=clean)
     per_component = {name: dict(comp, stderr=stderr(comp["robust_acc"], result.n))
                      for name, comp in result.per_component.items()}
-    params = {"preset": settings.preset, "version": "standard", "batch_size": settings.aa_batch_size,
+    params = {"preset": settings.preset, "version": "standard", "batch_size": options.batch_size,
               "seed": settings.seed, "components": list(result.per_component), "per_component": per_component}
     return result_entry(settings, clean.labels, result.predictions, result.seconds, params,
                         max_perturbation=result.max_perturbation, clean_acc=result.clean_acc)
@@ -311,4 +334,4 @@ def autoattack_entry(model: nn.Module, make_batches: Callable[[], Batches], sett
 
 ATTACKS.add("autoattack", AttackSpec(
     "autoattack", "AutoAttack (APGD-CE, APGD-T, FAB-T, Square) over the whole set; --attack-preset standard|original",
-    lambda s: {}, run=autoattack_entry))
+    run=autoattack_entry, options=AutoAttackOptions, check=check_autoattack))

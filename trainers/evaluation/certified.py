@@ -1,4 +1,5 @@
-"""Certified evaluations for test.py (`--attacks certify,ibp,crown-ibp`): whole-set entries of the attack registry.
+"""Certified evaluations for test.py (`--attacks certify,ibp,sym,crown-ibp`): whole-set entries of the attack
+registry.
 
     certify    randomized smoothing (Cohen, Rosenfeld & Kolter, ICML 2019): CERTIFY (N0 selection draws, N
                estimation draws, one-sided Clopper-Pearson bound at alpha, abstain below 1/2) and PREDICT (N draws,
@@ -9,25 +10,31 @@
                the abstention rates, the parameters and `per_point` (label, prediction, radius, correct,
                smoothed_prediction; prediction -1 = abstained).
     ibp        IBP-verified accuracy at the threat model's Linf eps (Hydra's evaluation of its verifiable models)
+    sym        the same with symbolic interval analysis (ReluVal / Neurify; Hydra's evaluation of MixTrain models)
     crown-ibp  the same with CROWN-IBP bounds (Zhang et al. 2020), usually tighter on models trained with them
 
-Neither is part of `--attacks all`: certify costs N0 + 2N forwards per point, and the bounds need an nn.Sequential
+None is part of `--attacks all`: certify costs N0 + 2N forwards per point, and the bounds need an nn.Sequential
 of Conv2d/Linear/ReLU/Flatten (any other model gives a one-line error). The bounds are sound, so a verified point
-is robust to every attack of the same eps: IBP- and CROWN-IBP-verified accuracy never exceed PGD's.
+is robust to every attack of the same eps: verified accuracy never exceeds PGD's. All three bounds score the clean
+pass's points, and `verified_comparison` puts them side by side in test.py's summary.
 """
 import logging
+import math
 import time
-from typing import Any, Callable, Dict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from configs.errors import UserError
-from trainers.bounds import CROWN_IBP, IBP, verified
-from trainers.evaluation.registry import ATTACKS, AttackSpec, EvalSettings
+from trainers.attacks.threat import L2, LINF
+from trainers.certify.bounds import CROWN_IBP, IBP, METHODS, SYMBOLIC, bound_steps, verified
+from trainers.certify.smoothing import (DEFAULT_RADII, Certificate, certification_summary, certify,
+                                       clopper_pearson_lower, predict)
+from trainers.evaluation.registry import ATTACKS, AttackOptions, AttackSpec, EvalContext, EvalSettings
 from trainers.evaluation.scoring import Batches, PassResult, result_entry, worst_case
-from trainers.smoothing import DEFAULT_RADII, Certificate, certification_summary, certify, predict
-from trainers.threat import L2, LINF
 from utils.progress import progress
 from utils.seed import seed_everything
 
@@ -36,36 +43,58 @@ log = logging.getLogger(__name__)
 CERTIFY = "certify"
 
 
-def certify_settings(cfg) -> Dict[str, Any]:
-    """EvalSettings' certification fields from a resolved Config, for test.py's
-    `EvalSettings(..., **certify_settings(cfg))`. The noisy copies per forward are --eval-batch-size when given."""
-    radii = cfg.certify_radii
-    if radii is not None and (not radii or any(r < 0 for r in radii)):
-        raise UserError(f"--certify-radii must be radii >= 0, got {radii}")
-    fields = dict(noise_std=cfg.noise_std, certify_n0=cfg.certify_n0, certify_n=cfg.certify_n,
-                  certify_alpha=cfg.certify_alpha, certify_radii=None if radii is None else tuple(sorted(radii)))
-    if cfg.eval_batch_size:
-        fields["certify_batch_size"] = cfg.eval_batch_size
-    return fields
+@dataclass(frozen=True)
+class CertifyOptions(AttackOptions):
+    noise_std: float = 0.25         # sigma of the smoothed classifier, [0, 1] input units
+    n0: int = 100                   # noise draws per point that select the top class
+    n: int = 10_000                 # noise draws per point that bound its probability (and PREDICT's)
+    alpha: float = 0.001            # failure probability of each certificate
+    batch_size: int = 1000          # noisy copies per forward
+    radii: Optional[Tuple[float, ...]] = None  # certified-accuracy radii (None: Cohen et al.'s grid)
+
+    @classmethod
+    def from_config(cls, cfg, context: EvalContext) -> "CertifyOptions":
+        """--noise-std, --certify-n0/-n/-alpha/-radii; the noisy copies per forward are --eval-batch-size when
+        given."""
+        radii = cfg.certify_radii
+        return cls(noise_std=cfg.noise_std, n0=cfg.certify_n0, n=cfg.certify_n, alpha=cfg.certify_alpha,
+                   batch_size=cfg.eval_batch_size or cls.batch_size,
+                   radii=None if radii is None else tuple(sorted(radii)))
+
+    @property
+    def grid(self) -> Tuple[float, ...]:
+        return self.radii or DEFAULT_RADII
 
 
-def _certify_params(settings: EvalSettings) -> Dict[str, Any]:
-    return dict(sigma=settings.noise_std, n0=settings.certify_n0, n=settings.certify_n, alpha=settings.certify_alpha,
-                batch_size=settings.certify_batch_size, seed=settings.seed,
-                radii=list(settings.certify_radii or DEFAULT_RADII))
+def check_certify(model: nn.Module, settings: EvalSettings, options: CertifyOptions, points) -> None:
+    """Radii that exist, and enough draws that a point can be certified at all: N successes out of N give the
+    lower bound alpha^(1/N), which must reach 1/2."""
+    if options.radii is not None and (not options.radii or any(r < 0 for r in options.radii)):
+        raise UserError(f"--certify-radii must be radii >= 0, got {list(options.radii)}")
+    best = float(clopper_pearson_lower(np.array([options.n]), options.n, options.alpha)[0])
+    if best < 0.5:
+        needed = math.ceil(math.log2(1.0 / options.alpha))
+        raise UserError(f"--certify-n {options.n} cannot certify any point at --certify-alpha {options.alpha:g} (even "
+                        f"{options.n} of {options.n} draws bound the top class at {best:.3f} < 0.5); use at least "
+                        f"{needed} draws")
+
+
+def _certify_params(settings: EvalSettings, options: CertifyOptions) -> Dict[str, Any]:
+    return dict(sigma=options.noise_std, n0=options.n0, n=options.n, alpha=options.alpha,
+                batch_size=options.batch_size, seed=settings.seed, radii=list(options.grid))
 
 
 def certify_entry(model: nn.Module, make_batches: Callable[[], Batches], settings: EvalSettings,
-                  clean: PassResult) -> Dict[str, Any]:
+                  options: CertifyOptions, clean: PassResult) -> Dict[str, Any]:
     """test.py's `certify`: CERTIFY and PREDICT of the smoothed model on every point, as one result entry."""
     seed_everything(settings.seed)
     started = time.time()
-    common = dict(sigma=settings.noise_std, n=settings.certify_n, alpha=settings.certify_alpha,
-                  batch_size=settings.certify_batch_size, num_classes=settings.num_classes)
+    common = dict(sigma=options.noise_std, n=options.n, alpha=options.alpha, batch_size=options.batch_size,
+                  num_classes=settings.num_classes)
     labels, predictions, radii, smoothed = [], [], [], []
-    desc = f"{CERTIFY} sigma={settings.noise_std:g}"
+    desc = f"{CERTIFY} sigma={options.noise_std:g}"
     for x, y in progress(make_batches(), desc=desc, enabled=settings.show_progress):
-        certificate = certify(model, x, n0=settings.certify_n0, **common)
+        certificate = certify(model, x, n0=options.n0, **common)
         labels.append(y.cpu())
         predictions.append(certificate.prediction)
         radii.append(certificate.radius)
@@ -75,8 +104,7 @@ def certify_entry(model: nn.Module, make_batches: Callable[[], Batches], setting
     labels = torch.cat(labels)
     certificate = Certificate(prediction=torch.cat(predictions), radius=torch.cat(radii))
     smoothed = torch.cat(smoothed)
-    grid = settings.certify_radii or DEFAULT_RADII
-    summary = certification_summary(labels, certificate, smoothed, grid)
+    summary = certification_summary(labels, certificate, smoothed, options.grid)
     correct = certificate.prediction == labels
     per_point = {"label": labels.tolist(), "prediction": certificate.prediction.tolist(),
                  "radius": [round(r, 6) for r in certificate.radius.tolist()], "correct": correct.tolist(),
@@ -86,18 +114,23 @@ def certify_entry(model: nn.Module, make_batches: Callable[[], Batches], setting
              summary["prediction_acc"], summary["average_certified_radius"])
     # robust_acc (radius 0) is scored like any attack: the certificate's prediction, abstentions wrong.
     radius_zero = settings.with_threat(eps=0.0, norm=L2)
-    return result_entry(radius_zero, labels, certificate.prediction, time.time() - started, _certify_params(settings),
-                        **summary, per_point=per_point)
+    return result_entry(radius_zero, labels, certificate.prediction, time.time() - started,
+                        _certify_params(settings, options), **summary, per_point=per_point)
+
+
+def check_bounds(model: nn.Module, settings: EvalSettings, options, points) -> None:
+    """The bounds verify Linf balls, and only for models they can walk (trainers.certify.bounds.bound_steps)."""
+    if settings.norm != LINF:
+        raise UserError("the bounds verify Linf balls; use --distance l_inf")
+    bound_steps(model)
 
 
 def _verified_entry(method: str):
-    def run(model: nn.Module, make_batches: Callable[[], Batches], settings: EvalSettings,
+    def run(model: nn.Module, make_batches: Callable[[], Batches], settings: EvalSettings, options,
             clean: PassResult) -> Dict[str, Any]:
         """Verified accuracy: a point counts when it is classified correctly and every margin's lower bound over
         the eps-ball is positive."""
         threat = settings.threat
-        if threat.norm != LINF:
-            raise UserError(f"--attacks {method} verifies Linf balls; use --distance l_inf")
         started = time.time()
         flags, labels = [], []
         for x, y in progress(make_batches(), desc=f"{method} eps={threat.eps:g}", enabled=settings.show_progress):
@@ -111,12 +144,26 @@ def _verified_entry(method: str):
     return run
 
 
+def verified_comparison(attacks: Dict[str, Dict[str, Any]]) -> Optional[str]:
+    """One line with the verified accuracies of the bounds that ran (IBP, symbolic, CROWN-IBP: all on the clean
+    pass's points), or None when fewer than two did."""
+    ran = [method for method in METHODS if method in attacks]
+    if len(ran) < 2:
+        return None
+    return f"verified at eps {attacks[ran[0]]['eps']:g}, same points: " + \
+        " | ".join(f"{method} {attacks[method]['robust_acc']:.2f}%" for method in ran)
+
+
 ATTACKS.add(CERTIFY, AttackSpec(
     CERTIFY, "randomized smoothing: Cohen et al.'s CERTIFY and PREDICT (--noise-std, --certify-n0/-n/-alpha); "
-    "robust = certified accuracy at radius 0", _certify_params, run=certify_entry, in_all=False))
+    "robust = certified accuracy at radius 0", run=certify_entry, options=CertifyOptions, check=check_certify,
+    in_all=False))
 ATTACKS.add(IBP, AttackSpec(
     IBP, "IBP-verified accuracy at eps (nn.Sequential conv/linear/ReLU models such as cifar_model)",
-    lambda s: {"bound": IBP}, run=_verified_entry(IBP), in_all=False))
+    run=_verified_entry(IBP), check=check_bounds, in_all=False))
+ATTACKS.add(SYMBOLIC, AttackSpec(
+    SYMBOLIC, "symbolic-interval-verified accuracy at eps (ReluVal/Neurify, as MixTrain; nn.Sequential conv/linear/"
+    "ReLU models such as cifar_model)", run=_verified_entry(SYMBOLIC), check=check_bounds, in_all=False))
 ATTACKS.add(CROWN_IBP, AttackSpec(
     CROWN_IBP, "CROWN-IBP-verified accuracy at eps (nn.Sequential conv/linear/ReLU models such as cifar_model)",
-    lambda s: {"bound": CROWN_IBP}, run=_verified_entry(CROWN_IBP), in_all=False))
+    run=_verified_entry(CROWN_IBP), check=check_bounds, in_all=False))

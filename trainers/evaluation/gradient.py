@@ -4,36 +4,39 @@
     fgsm         one step of size eps from the clean input (Linf: sign of the gradient; L2: normalised gradient)
     pgd10/20/50  PGD-k on cross-entropy, random start, the configured step size
     cw           PGD on the CW margin loss (kappa 50), 20 steps, random start, the configured step size
+
+Their names fix everything they do, so they have no options of their own and nothing to check before running.
 """
-from trainers.attacks import CW_KAPPA, fgsm, pgd
+from trainers.attacks.pgd import CW_KAPPA, fgsm, pgd
 from trainers.evaluation.registry import ATTACKS, AttackSpec
 
 CW_STEPS = 20
 
 
 def _pgd_params(loss: str, **extra):
-    def params(s):
+    def params(s, options):
         t = s.threat
         return dict(steps=t.steps, step_size=t.step_size, random_start=t.random_start, restarts=1, loss=loss, **extra)
     return params
 
 
-def _pgd_ce(model, s):
+def _pgd_ce(model, s, options):
     return lambda x, y: pgd(model, x, y, s.threat)
 
 
 ATTACKS.add("pgd", AttackSpec(
-    "pgd", "PGD on cross-entropy with --num-steps steps (validation's attack)", _pgd_params("ce"), make=_pgd_ce,
-    in_all=False, validation=True))
+    "pgd", "PGD on cross-entropy with --num-steps steps (validation's attack)", make=_pgd_ce,
+    params=_pgd_params("ce"), in_all=False, validation=True))
 ATTACKS.add("fgsm", AttackSpec(
     "fgsm", "one gradient step of size eps from the clean input",
-    lambda s: dict(steps=1, step_size=s.eps, random_start=False, restarts=1, loss="ce"),
-    make=lambda model, s: (lambda x, y: fgsm(model, x, y, s.threat)), validation=True))
+    make=lambda model, s, options: (lambda x, y: fgsm(model, x, y, s.threat)),
+    params=lambda s, options: dict(steps=1, step_size=s.eps, random_start=False, restarts=1, loss="ce"),
+    validation=True))
 for _steps in (10, 20, 50):
     ATTACKS.add(f"pgd{_steps}", AttackSpec(
-        f"pgd{_steps}", f"PGD-{_steps} on cross-entropy, random start", _pgd_params("ce"), make=_pgd_ce,
+        f"pgd{_steps}", f"PGD-{_steps} on cross-entropy, random start", make=_pgd_ce, params=_pgd_params("ce"),
         fixed=dict(steps=_steps, random_start=True)))
 ATTACKS.add("cw", AttackSpec(
     "cw", f"PGD on the CW margin loss (kappa {CW_KAPPA:g}), {CW_STEPS} steps, random start",
-    _pgd_params("cw-margin", kappa=CW_KAPPA), make=lambda model, s: (lambda x, y: pgd(model, x, y, s.threat, loss="cw")),
-    fixed=dict(steps=CW_STEPS, random_start=True), validation=True))
+    make=lambda model, s, options: (lambda x, y: pgd(model, x, y, s.threat, loss="cw")),
+    params=_pgd_params("cw-margin", kappa=CW_KAPPA), fixed=dict(steps=CW_STEPS, random_start=True), validation=True))

@@ -25,8 +25,8 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from trainers.fmn import attack_objective
-from trainers.threat import eval_mode
+from trainers.attacks.fmn import attack_objective
+from utils.modes import eval_mode
 
 log = logging.getLogger(__name__)
 

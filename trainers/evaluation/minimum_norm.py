@@ -1,4 +1,4 @@
-"""test.py's `fmn`: minimal adversarial distances from FMN (trainers/fmn.py), and the security curve they give.
+"""test.py's `fmn`: minimal adversarial distances from FMN (trainers/attacks/fmn.py), and the security curve they give.
 
 One FMN run gives every evaluated point its smallest adversarial perturbation found, so the robust accuracy at
 every eps follows at once (the AP benchmark's HO-FMN evaluation and security curves). The entry reports
@@ -16,9 +16,9 @@ every eps follows at once (the AP benchmark's HO-FMN evaluation and security cur
 Counting. Default: a point FMN never broke has distance +inf and is robust at every eps (the attack's failure is
 not evidence against the model, and AutoAttack counts it the same way); clean errors have distance 0 and are
 never robust, as every attack of test.py counts them. The AP preset counts as HO-FMN does: failures get
-distance 0, i.e. count as broken (`trainers.fmn.failures_as_zero`).
+distance 0, i.e. count as broken (`trainers.attacks.fmn.failures_as_zero`).
 
-Tuning (--fmn-tune N, trainers/fmn_tune.py) never sees an evaluated point: by default it runs on the held-out
+Tuning (--fmn-tune N, trainers/attacks/fmn_tune.py) never sees an evaluated point: by default it runs on the held-out
 validation split when test.py has one (--val-split > 0), else on the first --fmn-tune-points training images
 (epoch 0's shuffled order for --seed, with the training augmentation); the AP preset tunes on test points [0, 64)
 and attacks [2048, 2176), as the benchmark.
@@ -26,7 +26,6 @@ and attacks [2048, 2176), as the benchmark.
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -35,12 +34,12 @@ import torch
 import torch.nn as nn
 
 from configs.errors import UserError
-from trainers.evaluation.ap_protocol import AP_PRESET
-from trainers.evaluation.registry import ATTACKS, AttackSpec, EvalSettings
+from trainers.attacks.fmn import FMNConfig, failures_as_zero, fmn_batches, security_curve
+from trainers.attacks.fmn_tune import SearchSpace, tune_fmn
+from trainers.evaluation.ap_protocol import (AP_EPS, AP_EVAL_POINTS, AP_NORM, AP_PRESET, AP_SEARCH_SPACE, AP_STEPS,
+                                             AP_TUNE_POINTS, AP_TUNE_STEPS, AP_TUNE_TRIALS, ap_eps_grid)
+from trainers.evaluation.registry import ATTACKS, AttackOptions, AttackSpec, EvalContext, EvalSettings
 from trainers.evaluation.scoring import Batches, PassResult, result_entry, worst_case
-from trainers.fmn import (AP_EPS, AP_EVAL_POINTS, AP_NORM, AP_STEPS, AP_TUNE_POINTS, AP_TUNE_STEPS, AP_TUNE_TRIALS,
-                          FMNConfig, ap_eps_grid, failures_as_zero, fmn_batches, security_curve)
-from trainers.fmn_tune import SearchSpace, tune_fmn
 from utils.atomic import atomic_write
 from utils.seed import seed_everything
 
@@ -50,21 +49,28 @@ FMN = "fmn"
 CURVE_STEPS_PER_EPS = 8        # default curve: eps / 8 apart ...
 CURVE_EPS_MULTIPLES = 3        # ... up to 3 eps (25 budgets, eps itself among them)
 DISTANCES_SUFFIX = "_fmn_distances.pt"
+DISTANCES_FILE = "distances_file"   # the entry key naming it (relative to the result JSON's folder)
 DISTANCES_FORMAT = 1
 FAILURES_INF, FAILURES_ZERO = "failures_inf", "failures_zero"
-# HO-FMN's search space for SGD (Mura et al. 2024): step size log-uniform in [8/255, 10], momentum in
-# [0, 0.9]; loss, optimizer and schedule fixed to the benchmark's DLR, SGD and cosine annealing to 0 (eta_min 0).
-AP_SEARCH_SPACE = SearchSpace(alpha_init=(8 / 255, 10.0), momentum=(0.0, 0.9), losses=("dlr",), optimizers=("sgd",),
-                              schedules=("cosine",), eps_starts=("unbounded",), alpha_final=0.0)
 
 
-# ----------------------------------------------------------------------------------------------- settings
-def fmn_settings(cfg, data, artifact_stem: Optional[str]) -> Dict[str, Any]:
-    """EvalSettings' FMN fields from a resolved Config and the run's DataSource, for test.py's
-    `EvalSettings(..., **fmn_settings(cfg, data, stem))`; per-point files go to `<artifact_stem>_fmn_...`."""
-    batches, split = tuning_points(data, cfg.fmn_tune_points, cfg.seed)
-    return dict(fmn_steps=cfg.fmn_steps, fmn_tune=cfg.fmn_tune, fmn_tune_search=cfg.fmn_tune_search,
-                tuning_batches=batches, tuning_split=split, artifact_stem=artifact_stem)
+# ----------------------------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class FMNOptions(AttackOptions):
+    steps: int = 100                # attack steps (the AP preset: the benchmark's 200)
+    tune: int = 0                   # configurations tried on the tuning points (0: FMN's default configuration)
+    tune_search: str = "random"     # or "halving" (trainers/attacks/fmn_tune.py)
+    tuning_batches: Optional[Callable[[], Batches]] = None  # never test points
+    tuning_split: str = ""          # what tuning_batches are, for the result
+    artifact_stem: Optional[str] = None  # the distances file goes to f"{artifact_stem}{DISTANCES_SUFFIX}"
+
+    @classmethod
+    def from_config(cls, cfg, context: EvalContext) -> "FMNOptions":
+        """--fmn-steps, --fmn-tune, --fmn-tune-search; tuning points from the run's data (--fmn-tune-points)."""
+        batches, split = (None, "") if context.data is None else tuning_points(context.data, cfg.fmn_tune_points,
+                                                                                cfg.seed)
+        return cls(steps=cfg.fmn_steps, tune=cfg.fmn_tune, tune_search=cfg.fmn_tune_search, tuning_batches=batches,
+                   tuning_split=split, artifact_stem=context.artifact_stem)
 
 
 def tuning_points(data, points: int, seed: int) -> Tuple[Callable[[], Batches], str]:
@@ -128,14 +134,19 @@ def default_eps_grid(eps: float) -> List[float]:
     return [eps * i / CURVE_STEPS_PER_EPS for i in range(CURVE_STEPS_PER_EPS * CURVE_EPS_MULTIPLES + 1)]
 
 
-def default_plan(settings: EvalSettings, n: int) -> FMNPlan:
+def default_plan(settings: EvalSettings, options: FMNOptions, n: int) -> FMNPlan:
     losses = tuple(l for l in SearchSpace().losses if settings.num_classes >= 3 or l != "dlr")
-    return FMNPlan(norm=settings.norm, eps=settings.eps, points=(0, n), steps=settings.fmn_steps,
-                   trials=settings.fmn_tune, tune_steps=settings.fmn_steps, space=SearchSpace(losses=losses),
-                   tune_points=None, counting=FAILURES_INF, grid=default_eps_grid(settings.eps))
+    return FMNPlan(norm=settings.norm, eps=settings.eps, points=(0, n), steps=options.steps, trials=options.tune,
+                   tune_steps=options.steps, space=SearchSpace(losses=losses), tune_points=None,
+                   counting=FAILURES_INF, grid=default_eps_grid(settings.eps))
 
 
-def ap_fmn_plan(settings: EvalSettings, n: int) -> FMNPlan:
+def fmn_plan(settings: EvalSettings, options: FMNOptions, n: int) -> FMNPlan:
+    """The run of `n` evaluated points: the AP benchmark's under its preset, else the configured one."""
+    return ap_fmn_plan(options, n) if settings.preset == AP_PRESET else default_plan(settings, options, n)
+
+
+def ap_fmn_plan(options: FMNOptions, n: int) -> FMNPlan:
     """HO-FMN as the benchmark runs it on `n` evaluated test points (the first ones of the test set). With fewer
     than 2,176 points the attack takes the up to 128 points right after the tuning points, recorded as a
     deviation."""
@@ -149,7 +160,7 @@ def ap_fmn_plan(settings: EvalSettings, n: int) -> FMNPlan:
         start, end = tune_end, min(n, tune_end + (AP_EVAL_POINTS[1] - AP_EVAL_POINTS[0]))
         deviations.append(f"{n} evaluated test points: FMN attacked points [{start}, {end}) instead of "
                           f"[{AP_EVAL_POINTS[0]}, {AP_EVAL_POINTS[1]})")
-    trials = settings.fmn_tune or AP_TUNE_TRIALS
+    trials = options.tune or AP_TUNE_TRIALS
     if trials != AP_TUNE_TRIALS:
         deviations.append(f"--fmn-tune {trials}: the benchmark tunes {AP_TUNE_TRIALS} trials")
     return FMNPlan(norm=AP_NORM, eps=AP_EPS, points=(start, end), steps=AP_STEPS, trials=trials,
@@ -167,21 +178,34 @@ def _json_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [{k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
 
 
-def _tune(model: nn.Module, plan: FMNPlan, settings: EvalSettings, make_batches: Callable[[], Batches]
-          ) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+def check_fmn(model: nn.Module, settings: EvalSettings, options: FMNOptions, points: Optional[int]) -> None:
+    """Tuning points where tuning needs them, enough evaluated points and classes for the AP preset's HO-FMN."""
+    if points is not None:
+        fmn_plan(settings, options, points)
+    if options.tune and settings.preset != AP_PRESET and options.tuning_batches is None:
+        raise UserError(_NO_TUNING_POINTS)
+    if settings.preset == AP_PRESET and settings.num_classes < 3:
+        raise UserError(f"--attack-preset {AP_PRESET} tunes FMN on the DLR loss, which needs at least 3 classes; the "
+                        f"model has {settings.num_classes}")
+
+
+_NO_TUNING_POINTS = "FMN tuning (--fmn-tune) needs tuning points disjoint from the evaluated ones; none were given"
+
+
+def _tune(model: nn.Module, plan: FMNPlan, settings: EvalSettings, options: FMNOptions,
+          make_batches: Callable[[], Batches]) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
     """The configuration FMN runs with and, when tuned, the tuning's record."""
     if not plan.trials:
         return asdict(FMNConfig()), None
     if plan.tune_points is not None:
         batches = list(_points_in(make_batches(), *plan.tune_points))
         split = f"test points [{plan.tune_points[0]}, {plan.tune_points[1]})"
-    elif settings.tuning_batches is not None:
-        batches, split = list(settings.tuning_batches()), settings.tuning_split
+    elif options.tuning_batches is not None:
+        batches, split = list(options.tuning_batches()), options.tuning_split
     else:
-        raise UserError("FMN tuning (--fmn-tune) needs tuning points disjoint from the evaluated ones; none were "
-                        "given")
+        raise UserError(_NO_TUNING_POINTS)
     started = time.time()
-    tuned = tune_fmn(model, batches, plan.trials, search=settings.fmn_tune_search, seed=settings.seed,
+    tuned = tune_fmn(model, batches, plan.trials, search=options.tune_search, seed=settings.seed,
                      norm=plan.norm, steps=plan.tune_steps, space=plan.space, clip_min=settings.threat.clip_min,
                      clip_max=settings.threat.clip_max)
     record = dict(tuned.params, split=split, best_trial=tuned.best_trial, seconds=round(time.time() - started, 3),
@@ -191,15 +215,14 @@ def _tune(model: nn.Module, plan: FMNPlan, settings: EvalSettings, make_batches:
     return tuned.config, record
 
 
-def fmn_entry(model: nn.Module, make_batches: Callable[[], Batches], settings: EvalSettings,
+def fmn_entry(model: nn.Module, make_batches: Callable[[], Batches], settings: EvalSettings, options: FMNOptions,
               clean: PassResult) -> Dict[str, Any]:
     """test.py's `fmn`: FMN over the evaluated points (the AP preset: the benchmark's points), one result entry
     (module docstring)."""
     seed_everything(settings.seed)
     started = time.time()
-    n = clean.labels.numel()
-    plan = ap_fmn_plan(settings, n) if settings.preset == AP_PRESET else default_plan(settings, n)
-    config, tuning = _tune(model, plan, settings, make_batches)
+    plan = fmn_plan(settings, options, clean.labels.numel())
+    config, tuning = _tune(model, plan, settings, options, make_batches)
     start, end = plan.points
     result = fmn_batches(model, _points_in(make_batches(), start, end), norm=plan.norm, steps=plan.steps,
                          clip_min=settings.threat.clip_min, clip_max=settings.threat.clip_max, **config)
@@ -219,7 +242,7 @@ def fmn_entry(model: nn.Module, make_batches: Callable[[], Batches], settings: E
     sub = PassResult(sums={}, labels=labels, predictions=clean.predictions[start:end])
     prediction = torch.where(robust, labels, torch.full_like(labels, -1))
     threat = settings.with_threat(eps=plan.eps, norm=plan.norm)
-    params = dict(implementation="trainers.fmn", steps=plan.steps, points=[start, end], counting=plan.counting,
+    params = dict(implementation="trainers.attacks.fmn", steps=plan.steps, points=[start, end], counting=plan.counting,
                   config=config, tuning=tuning, seed=settings.seed)
     if plan.deviations:
         params["deviations"] = plan.deviations
@@ -227,10 +250,10 @@ def fmn_entry(model: nn.Module, make_batches: Callable[[], Batches], settings: E
                          max_perturbation=float(broken.max()) if broken.numel() else 0.0,
                          curve=security_curve(counted, plan.grid), median_distance=_finite_or_none(median),
                          n_points=end - start, clean_errors=int((~clean_correct).sum()), failures=failures,
-                         distances_file=None)
-    if settings.artifact_stem:
-        entry["distances_file"] = write_distances(settings.artifact_stem, distances, clean_correct, labels,
-                                                  torch.arange(start, end), plan)
+                         **{DISTANCES_FILE: None})
+    if options.artifact_stem:
+        entry[DISTANCES_FILE] = write_distances(options.artifact_stem, distances, clean_correct, labels,
+                                                torch.arange(start, end), plan)
     log.info("fmn: robust accuracy %.2f%% at eps %g (%s), median distance %s, %d of %d correctly classified points "
              "never broken", entry["robust_acc"], plan.eps, plan.norm,
              "inf" if not math.isfinite(median) else f"{median:.5g}", failures, int(clean_correct.sum()))
@@ -257,7 +280,7 @@ def write_distances(artifact_stem: str, distances: torch.Tensor, clean_correct: 
 def resolve_distances_file(result_path: str, entry: Dict[str, Any]) -> str:
     """The distances file of an `fmn` entry of the result JSON at `result_path` (its name is relative to the
     JSON's folder)."""
-    name = entry.get("distances_file")
+    name = entry.get(DISTANCES_FILE)
     if not name:
         raise UserError(f"{result_path}: its fmn entry has no distances file (evaluated without a result folder)")
     path = os.path.join(os.path.dirname(os.path.abspath(result_path)), name)
@@ -283,19 +306,7 @@ def counted_distances(record: Dict[str, Any]) -> torch.Tensor:
     return failures_as_zero(distances) if record.get("counting") == FAILURES_ZERO else distances
 
 
-def copy_distances_file(result: Dict[str, Any], from_dir: str, to_dir: str) -> None:
-    """Put the distances file beside a copy of the result JSON too (test.py --results-file)."""
-    name = (result.get("attacks", {}).get(FMN) or {}).get("distances_file")
-    if name and os.path.abspath(from_dir) != os.path.abspath(to_dir):
-        os.makedirs(to_dir, exist_ok=True)
-        shutil.copyfile(os.path.join(from_dir, name), os.path.join(to_dir, name))
-
-
-def _params(settings: EvalSettings) -> Dict[str, Any]:
-    return dict(steps=settings.fmn_steps, tune=settings.fmn_tune)
-
-
 ATTACKS.add(FMN, AttackSpec(
     FMN, "FMN minimum-norm attack (Pintor et al. 2021): per-point minimal distances, robust accuracy at eps and the "
-    "security curve in one run; --fmn-steps, --fmn-tune N (not in 'all': --attacks all,fmn)", _params, run=fmn_entry,
-    in_all=False))
+    "security curve in one run; --fmn-steps, --fmn-tune N", run=fmn_entry, options=FMNOptions, check=check_fmn,
+    artifacts=(DISTANCES_FILE,), in_all=False))

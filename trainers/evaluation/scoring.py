@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainers.threat import ThreatModel, eval_mode, perturbation_norms, project
+from trainers.attacks.threat import ThreatModel, perturbation_norms, project
+from utils.modes import eval_mode
 from utils.progress import progress
 
 Batches = Iterable[Tuple[torch.Tensor, torch.Tensor]]

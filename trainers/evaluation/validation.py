@@ -3,10 +3,11 @@
 
     base          natural accuracy only
     adv, freeadv  the training loop's robust measure: the attack --attack_eval under the configured threat model,
-                  or the `validation_method` the loop names (--trainer smooth: smooth; crown-ibp: ibp)
+                  or the `validation_method` the loop names (--trainer smooth: smooth; crown-ibp: ibp; mixtrain: sym)
     smooth        accuracy of the smoothed classifier from 10 draws of noise std --noise-std (an estimate, not a
-                  certificate; trainers.smoothing.smoothed_validation)
-    ibp           IBP-verified accuracy at the threat model's Linf eps (trainers.bounds.verification_sums)
+                  certificate; trainers.certify.smoothing.smoothed_validation)
+    ibp, sym      IBP- / symbolic-verified accuracy at the threat model's Linf eps
+                  (trainers.certify.bounds.verification_sums; Hydra's --val_method ibp / mixtrain)
 
 train.py: `validate(model, batches, **validation_options(cfg), threat=..., ...)`.
 """
@@ -15,12 +16,12 @@ from typing import Any, Dict, Iterable, Optional
 import torch.nn as nn
 
 from configs.errors import UserError
-from trainers.bounds import IBP, verification_sums
-from trainers.certified_training import IBP_VALIDATION, SMOOTH_VALIDATION
+from trainers.attacks.threat import LINF, ThreatModel
+from trainers.certified_training import SMOOTH_VALIDATION
+from trainers.certify.bounds import IBP, SYMBOLIC, verification_sums
+from trainers.certify.smoothing import smoothed_validation
 from trainers.evaluation.registry import EvalSettings, attack
 from trainers.evaluation.scoring import score_batches
-from trainers.smoothing import smoothed_validation
-from trainers.threat import LINF, ThreatModel
 from trainers.training import TRAINERS
 from utils.progress import progress
 
@@ -34,16 +35,18 @@ def _smoothed(model: nn.Module, batches: Iterable, *, threat: ThreatModel,
     return smoothed_validation(model, batches, sigma=noise_std)
 
 
-def _verified(model: nn.Module, batches: Iterable, *, threat: ThreatModel,
-              noise_std: Optional[float]) -> Dict[str, float]:
-    if threat.norm != LINF:
-        raise UserError("--val-method ibp verifies Linf balls; use --distance l_inf")
-    return verification_sums(model, batches, eps=threat.eps, method=IBP, clip_min=threat.clip_min,
-                             clip_max=threat.clip_max)
+def _verified(method: str):
+    def measure(model: nn.Module, batches: Iterable, *, threat: ThreatModel,
+                noise_std: Optional[float]) -> Dict[str, float]:
+        if threat.norm != LINF:
+            raise UserError(f"--val-method {method} verifies Linf balls; use --distance l_inf")
+        return verification_sums(model, batches, eps=threat.eps, method=method, clip_min=threat.clip_min,
+                                 clip_max=threat.clip_max)
+    return measure
 
 
 # Validation measures that are not an attack: name -> fn(model, batches, threat=, noise_std=) -> sums.
-MEASURES = {SMOOTH_VALIDATION: _smoothed, IBP_VALIDATION: _verified}
+MEASURES = {SMOOTH_VALIDATION: _smoothed, IBP: _verified(IBP), SYMBOLIC: _verified(SYMBOLIC)}
 
 
 def validation_options(cfg) -> Dict[str, Any]:
@@ -59,7 +62,8 @@ def validation_attack(model: nn.Module, name: Optional[str], threat: ThreatModel
     """The registered attack `name` run under `threat` as configured (None: natural accuracy only)."""
     if name is None:
         return None
-    return attack(name).make(model, EvalSettings(threat=threat))
+    spec = attack(name)
+    return spec.make(model, EvalSettings(threat=threat), spec.options())
 
 
 def validate(model: nn.Module, batches: Iterable, *, attack_name: Optional[str], threat: ThreatModel,

@@ -3,12 +3,10 @@
 `threat_from_config` is the only place a config's norm spelling (`l_inf`, `l_2`) is read; from there on the norm
 is `LINF` or `L2`. Geometry helpers (projection, norms, random starts) live here with the object they serve.
 """
-import contextlib
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Union
 
 import torch
-import torch.nn as nn
 
 LINF, L2 = "linf", "l2"
 _CONFIG_NORMS = {"l_inf": LINF, "l_2": L2}
@@ -35,53 +33,62 @@ def threat_from_config(cfg, *, random_start: bool = True, step_size: Optional[fl
                        clip_max=cfg.clip_max, random_start=random_start)
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Eval mode for an attack (BN running statistics untouched), every module's own mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
+Eps = Union[float, torch.Tensor]  # one budget, or one per example ([batch]; +inf: no constraint)
 
 
-def _per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [batch] tensor shaped to broadcast over `like`'s examples."""
     return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-example ||delta|| in `norm`, in delta's dtype."""
+    flat = delta.flatten(1)
+    if norm == LINF:
+        return flat.abs().amax(dim=1) if flat.shape[1] else flat.new_zeros(flat.shape[0])
+    return flat.norm(dim=1)
+
+
+def dual_norms(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-example dual norm of a gradient (L1 for Linf, L2 for L2): the rate of change along the norm's unit ball."""
+    flat = grad.flatten(1)
+    return flat.abs().sum(dim=1) if norm == LINF else flat.norm(dim=1)
+
+
+def l2_normalised(values: torch.Tensor) -> torch.Tensor:
+    """Each example scaled to L2 norm 1 (a zero example stays zero)."""
+    return values / per_example(norms(values, L2).clamp_min(1e-12), values)
+
+
+def project_delta(delta: torch.Tensor, eps: Eps, norm: str) -> torch.Tensor:
+    """delta pulled into the eps-ball of `norm` (a no-op inside it)."""
+    bound = per_example(eps, delta) if isinstance(eps, torch.Tensor) else eps
+    if norm == LINF:
+        return delta.clamp(-bound, bound)
+    return delta * per_example((eps / norms(delta, norm).clamp_min(1e-12)).clamp(max=1.0), delta)
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
     """x_adv pulled into the eps-ball around x and into [clip_min, clip_max]."""
-    delta = x_adv - x
-    if threat.norm == LINF:
-        delta = delta.clamp(-threat.eps, threat.eps)
-    else:
-        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-        delta = delta * _per_example((threat.eps / norms).clamp(max=1.0), x)
-    return (x + delta).clamp(threat.clip_min, threat.clip_max)
+    return (x + project_delta(x_adv - x, threat.eps, threat.norm)).clamp(threat.clip_min, threat.clip_max)
 
 
 def ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, step: float, norm: str) -> torch.Tensor:
     """One steepest-ascent step of length `step`: signed (Linf) or normalised (L2)."""
     if norm == LINF:
         return x_adv + step * grad.sign()
-    return x_adv + step * grad / _per_example(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
+    return x_adv + step * grad / per_example(norms(grad, L2).clamp_min(1e-12), grad)
 
 
 def random_start(x: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
     """Uniform in the Linf ball (as the original: no clamp before the first step) or uniform-radius in L2."""
     if threat.norm == LINF:
         return x + torch.empty_like(x).uniform_(-threat.eps, threat.eps)
-    direction = torch.randn_like(x)
-    direction = direction / _per_example(direction.flatten(1).norm(dim=1).clamp_min(1e-12), x)
-    radius = _per_example(torch.rand(x.shape[0], device=x.device, dtype=x.dtype), x)
+    direction = l2_normalised(torch.randn_like(x))
+    radius = per_example(torch.rand(x.shape[0], device=x.device, dtype=x.dtype), x)
     return x + threat.eps * radius * direction
 
 
 def perturbation_norms(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-example ||x_adv - x|| in the threat model's norm (float64 for an exact comparison with eps)."""
-    delta = (x_adv.detach() - x.detach()).flatten(1).double()
-    if norm == LINF:
-        return delta.abs().amax(dim=1) if delta.shape[1] else delta.new_zeros(delta.shape[0])
-    return delta.norm(dim=1)
+    return norms((x_adv.detach() - x.detach()).double(), norm)

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainers.threat import ThreatModel, ascent_step, eval_mode, project, random_start
+from trainers.attacks.threat import ThreatModel, ascent_step, project, random_start
+from utils.modes import eval_mode
 
 CW_KAPPA = 50.0  # the original's CW confidence
 

@@ -41,7 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configs.errors import UserError
-from trainers.threat import L2, LINF, eval_mode, perturbation_norms
+from trainers.attacks.threat import (L2, LINF, dual_norms, l2_normalised, norms, per_example, perturbation_norms,
+                                     project_delta)
+from utils.modes import eval_mode
 
 NORMS = (LINF, L2)
 LOSSES = ("ld", "ce", "dlr")
@@ -56,15 +58,6 @@ PLATEAU_PATIENCE = 5            # steps without a relative loss improvement of P
 PLATEAU_FACTOR = 0.5            # alpha multiplier at a plateau (never below alpha_final)
 PLATEAU_THRESHOLD = 1e-3
 DLR_EPS = 1e-12                 # keeps DLR's denominator positive when the top logits tie
-
-# Adversarial Pruning benchmark protocol (Piras et al. 2024; HO-FMN, Mura et al. 2024):
-# HO-FMN tunes 32 trials of 100 steps on test points [0, 64), then attacks test points [2048, 2176) with
-# 200 steps in Linf; RA is thresholded at 8/255 and the curve uses 1,000 eps in [0, 0.15]; failures count as 0.
-AP_NORM = LINF
-AP_TUNE_STEPS, AP_TUNE_TRIALS, AP_TUNE_POINTS = 100, 32, (0, 64)
-AP_STEPS, AP_EVAL_POINTS = 200, (2048, 2176)
-AP_EPS = 8 / 255
-AP_CURVE_EPS_MAX, AP_CURVE_POINTS = 0.15, 1000
 
 
 @dataclass(frozen=True)
@@ -151,34 +144,6 @@ def attack_objective(logits: torch.Tensor, labels: torch.Tensor, loss: str, targ
     return difference / (scale + DLR_EPS)
 
 
-# ----------------------------------------------------------------------------------------------- geometry
-def _per_point(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, *([1] * (like.dim() - 1)))
-
-
-def _norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
-    flat = delta.flatten(1)
-    return flat.abs().amax(dim=1) if norm == LINF else flat.norm(dim=1)
-
-
-def _dual_norm(grad: torch.Tensor, norm: str) -> torch.Tensor:
-    flat = grad.flatten(1)
-    return flat.abs().sum(dim=1) if norm == LINF else flat.norm(dim=1)
-
-
-def _l2_normalised(grad: torch.Tensor) -> torch.Tensor:
-    return grad / _per_point(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
-
-
-def _project(delta: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
-    """delta pulled into the per-point eps-ball (eps may be +inf: no constraint yet)."""
-    if norm == LINF:
-        bound = _per_point(eps, delta)
-        return torch.maximum(torch.minimum(delta, bound), -bound)
-    scale = (eps / _norm(delta, norm).clamp_min(1e-12)).clamp(max=1.0)
-    return delta * _per_point(scale, delta)
-
-
 # ----------------------------------------------------------------------------------------------- steps
 class _StepRule:
     """One of FMN's step rules with a per-point step size alpha (a [batch] tensor)."""
@@ -193,17 +158,17 @@ class _StepRule:
         """The amount to subtract from delta for the gradient `grad` of the minimised objective."""
         c = self.config
         if c.optimizer == "plain":
-            return _per_point(alpha, grad) * _l2_normalised(grad)
-        direction = grad.sign() if self.norm == LINF else _l2_normalised(grad)
+            return per_example(alpha, grad) * l2_normalised(grad)
+        direction = grad.sign() if self.norm == LINF else l2_normalised(grad)
         if c.optimizer == "sgd":
             self.buffer = c.momentum * self.buffer + direction
-            return _per_point(alpha, grad) * self.buffer
+            return per_example(alpha, grad) * self.buffer
         self.t += 1
         self.buffer = c.momentum * self.buffer + (1 - c.momentum) * direction
         self.second = ADAM_BETA2 * self.second + (1 - ADAM_BETA2) * direction * direction
         first = self.buffer / (1 - c.momentum ** self.t)
         second = self.second / (1 - ADAM_BETA2 ** self.t)
-        return _per_point(alpha, grad) * first / (second.sqrt() + ADAM_EPS)
+        return per_example(alpha, grad) * first / (second.sqrt() + ADAM_EPS)
 
 
 def _cosine(start: float, end: float, step: int, steps: int) -> float:
@@ -302,7 +267,7 @@ def _attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, goal: torch.Tens
     delta = torch.zeros_like(x)
     eps = torch.full((n,), float("inf"), device=x.device)
     # Largest perturbation the box allows: eps never needs to exceed it.
-    worst = _norm(torch.maximum(x - clip_min, clip_max - x), norm)
+    worst = norms(torch.maximum(x - clip_min, clip_max - x), norm)
     best_norm = torch.full((n,), float("inf"), device=x.device)
     best_adv = x.clone()
     found = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -321,10 +286,10 @@ def _attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, goal: torch.Tens
             clean_correct = prediction == y
             _check_classes(logits.shape[1], config.loss, targeted)
         is_adv = prediction == goal if targeted else prediction != goal
-        delta_norm = _norm(delta.detach(), norm)
+        delta_norm = norms(delta.detach(), norm)
         better = is_adv & (delta_norm < best_norm)
         best_norm = torch.where(better, delta_norm, best_norm)
-        best_adv = torch.where(_per_point(better, x), (x + delta).detach(), best_adv)
+        best_adv = torch.where(per_example(better, x), (x + delta).detach(), best_adv)
         found |= is_adv
         if k == steps:
             break
@@ -334,7 +299,7 @@ def _attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, goal: torch.Tens
         objective, delta = objective.detach(), delta.detach()
 
         if config.eps_start == "boundary" and config.loss == "ld":
-            boundary = delta_norm + objective.abs() / _dual_norm(grad, norm).clamp_min(1e-12)
+            boundary = delta_norm + objective.abs() / dual_norms(grad, norm).clamp_min(1e-12)
         else:
             boundary = torch.full_like(eps, float("inf"))
         gamma = _cosine(config.gamma_init, config.gamma_final, k, steps)
@@ -344,7 +309,7 @@ def _attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, goal: torch.Tens
             alpha = plateau.step(objective)
         else:
             alpha = torch.full_like(alpha, _cosine(config.alpha_init, config.final_alpha, k, steps))
-        delta = _project(delta - rule.update(grad, alpha), eps, norm)
+        delta = project_delta(delta - rule.update(grad, alpha), eps, norm)
         delta = (x + delta).clamp(clip_min, clip_max) - x
     return best_adv, found, clean_correct
 
@@ -389,11 +354,6 @@ def security_curve(distances: Any, eps_grid: Sequence[float]) -> List[Dict[str, 
     if not grid or not all(math.isfinite(e) and e >= 0 for e in grid):
         raise UserError("the eps grid must be a non-empty list of finite non-negative numbers")
     return [{"eps": e, "robust_acc": 100.0 * float((d > e).double().mean())} for e in grid]
-
-
-def ap_eps_grid() -> List[float]:
-    """The AP benchmark's security-curve budgets: 1,000 evenly spaced eps in [0, 0.15] (the benchmark's plots)."""
-    return torch.linspace(0.0, AP_CURVE_EPS_MAX, AP_CURVE_POINTS, dtype=torch.float64).tolist()
 
 
 def failures_as_zero(distances: Any) -> torch.Tensor:

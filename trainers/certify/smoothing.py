@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainers.threat import eval_mode
+from utils.modes import eval_mode
 
 ABSTAIN = -1
 # Cohen et al.'s CIFAR-10 radius grid (L2, input units).

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 from configs.errors import UserError
-from trainers.fmn import DEFAULT_STEPS, EPS_STARTS, LOSSES, OPTIMIZERS, SCHEDULES, FMNConfig, fmn_batches
-from trainers.threat import LINF
+from trainers.attacks.fmn import DEFAULT_STEPS, EPS_STARTS, LOSSES, OPTIMIZERS, SCHEDULES, FMNConfig, fmn_batches
+from trainers.attacks.threat import LINF
 
 log = logging.getLogger(__name__)
 
