@@ -52,6 +52,7 @@ DISTANCES_SUFFIX = "_fmn_distances.pt"
 DISTANCES_FILE = "distances_file"   # the entry key naming it (relative to the result JSON's folder)
 DISTANCES_FORMAT = 1
 FAILURES_INF, FAILURES_ZERO = "failures_inf", "failures_zero"
+_NO_TUNING_POINTS = "FMN tuning (--fmn-tune) needs tuning points disjoint from the evaluated ones; none were given"
 
 
 # ----------------------------------------------------------------------------------------------- options
@@ -168,16 +169,6 @@ def ap_fmn_plan(options: FMNOptions, n: int) -> FMNPlan:
                    counting=FAILURES_ZERO, grid=ap_eps_grid(), deviations=deviations)
 
 
-# ----------------------------------------------------------------------------------------------- the entry
-def _finite_or_none(value: float) -> Optional[float]:
-    return value if math.isfinite(value) else None
-
-
-def _json_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Tuning rows with +inf (nothing found) as None: JSON has no infinity."""
-    return [{k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
-
-
 def check_fmn(model: nn.Module, settings: EvalSettings, options: FMNOptions, points: Optional[int]) -> None:
     """Tuning points where tuning needs them, enough evaluated points and classes for the AP preset's HO-FMN."""
     if points is not None:
@@ -189,7 +180,14 @@ def check_fmn(model: nn.Module, settings: EvalSettings, options: FMNOptions, poi
                         f"model has {settings.num_classes}")
 
 
-_NO_TUNING_POINTS = "FMN tuning (--fmn-tune) needs tuning points disjoint from the evaluated ones; none were given"
+# ----------------------------------------------------------------------------------------------- the entry
+def _finite_or_none(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None
+
+
+def _json_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Tuning rows with +inf (nothing found) as None: JSON has no infinity."""
+    return [{k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
 
 
 def _tune(model: nn.Module, plan: FMNPlan, settings: EvalSettings, options: FMNOptions,
