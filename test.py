@@ -73,7 +73,7 @@ def evaluate_checkpoint(argv: List[str], cfg, sources: Dict[str, str]) -> Tuple[
     settings = EvalSettings(threat=threat, seed=cfg.seed, num_classes=cfg.num_classes, preset=cfg.attack_preset,
                             balanced=data.info.balanced_accuracy, show_progress=not cfg.no_progress)
     evaluated = Evaluated(cfg, path, kind.label, epoch, threat, sparsity, context, batch,
-                          ckpt["config"] if kind.own else None, deviations)
+                          ckpt["config"] if kind.own else None, deviations, ckpt.get("budget"))
     log.info("evaluating %d examples of %s: %s (eps %g, %s, step %g, seed %d, preset %s)", n, cfg.dataset,
              ", ".join(attacks), threat.eps, threat.norm, threat.step_size, cfg.seed, cfg.attack_preset)
     try:

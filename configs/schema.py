@@ -184,6 +184,9 @@ class Config:
                              "test points, HO-FMN on points [2048, 2176), its counting and units)", "evaluation",
                              choices=("standard", "original", "ap"), scope="test")
     n_examples: Optional[int] = opt(None, "evaluate the first N test examples (default: all)", "evaluation", check=_positive, check_text="> 0", scope="test")
+    autoattack_points: Optional[int] = opt(None, "run AutoAttack on the first N of the evaluated examples only (default: all; "
+                                           "its entry records the points and its standard error)", "evaluation",
+                                           check=_positive, check_text="> 0", scope="test")
     checkpoint: str = opt("best", "which checkpoint of the run to evaluate", "evaluation", choices=("best", "last", "best_dense", "last_dense"), scope="test")
     results_file: Optional[str] = opt(None, "also write the result JSON here", "evaluation", scope="test")
     eval_batch_size: Optional[int] = opt(None, "batch size of the attacks (default: --test-batch-size; AutoAttack on a GPU: 1000 "

@@ -258,3 +258,20 @@ def test_suite_entry_reports_components_and_is_at_most_pgd():
     assert aa["robust_acc"] == aa["per_component"]["square"]["robust_acc"]
     assert aa["clean_acc"] == result["natural_acc"]
     assert aa["robust_acc"] <= result["attacks"]["pgd10"]["robust_acc"]
+
+
+def test_autoattack_points_attacks_only_the_first_points_and_says_how_many():
+    model = tiny_model()
+    x, y = tiny_data(model, 16)
+    settings = EvalSettings(threat=ThreatModel(eps=0.05, norm=LINF, step_size=0.0125, steps=10), seed=0,
+                            preset="original", show_progress=False)
+    first = 5
+    result = run_suite(model, make_batches(x, y, 4), ["natural", "autoattack"], settings,
+                       options={"autoattack": AutoAttackOptions(batch_size=16, points=first)})
+    aa = result["attacks"]["autoattack"]
+    with torch.no_grad():
+        clean_correct = int((model(x[:first]).argmax(1) == y[:first]).sum())
+    assert aa["points"] == first and result["n"] == 16
+    assert aa["clean_acc"] == pytest.approx(100.0 * clean_correct / first)
+    assert all(v["attacked"] <= clean_correct for v in aa["per_component"].values())
+    assert aa["stderr"] == pytest.approx((aa["robust_acc"] * (100 - aa["robust_acc"]) / first) ** 0.5, abs=1e-9)

@@ -93,6 +93,10 @@ def test_seed_command_evaluates_the_runs_best_checkpoint(runs, capsys):
     assert [p["eps"] for p in result["security_curve"]] == [0.05, 0.1]
     assert result["security_curve"][1]["robust_acc"] == result["attacks"]["pgd10"]["robust_acc"]
     assert "torch" in result["versions"] and "torchattacks" in result["versions"]
+    # the model's budget record (target and reached keep) travels from its checkpoint into the result
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    assert result["budget"] == ckpt["budget"] and result["budget"]["target"] == pytest.approx(0.5)
+    assert result["budget"]["reached"] == pytest.approx(sparsity["global_keep"])
 
 
 def test_dense_export_gives_the_same_numbers(runs):
@@ -206,7 +210,7 @@ def test_explicit_flags_that_contradict_the_checkpoint_are_errors(runs, capsys):
 def test_autoattack_end_to_end(runs, tmp_path):
     copy = str(tmp_path / "copy.json")
     code = run_test_py(runs["common"] + ["--exp-mode", "pretrain", "--attacks", "pgd10,autoattack", "--n-examples",
-                                         "10", "--results-file", copy])
+                                         "12", "--autoattack-points", "10", "--results-file", copy])
     assert code == 0
     result = load(os.path.join(runs["pretrain_dir"], "eval", "model_best_standard.json"))
     assert load(copy) == result
@@ -217,6 +221,7 @@ def test_autoattack_end_to_end(runs, tmp_path):
     assert accs == sorted(accs, reverse=True) and aa["robust_acc"] == accs[-1]
     assert aa["robust_acc"] <= result["attacks"]["pgd10"]["robust_acc"] <= result["natural_acc"]
     assert aa["max_perturbation"] <= 0.1 + 1e-6
+    assert aa["points"] == 10 and result["n_examples"] == 12 and result["budget"] is None
 
 
 def test_same_seed_gives_identical_results(runs, tmp_path):

@@ -32,6 +32,7 @@ Every adversarial point is pulled back into the eps-ball and [clip_min, clip_max
 the largest perturbation a component returned is recorded, so a component that overshoots the budget can
 never count a point outside the threat model.
 """
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -296,19 +297,37 @@ def _clean_copy(make_batches) -> torch.Tensor:
     return torch.cat([x.detach().cpu() for x, _ in make_batches()])
 
 
+def first_points(make_batches: Callable[[], Batches], n: int) -> Callable[[], Batches]:
+    """`make_batches` cut after its first `n` points (the last batch sliced)."""
+    def batches():
+        left = n
+        for x, y in make_batches():
+            if left <= 0:
+                return
+            yield x[:left], y[:left]
+            left -= y.shape[0]
+    return batches
+
+
+def first_points_of_pass(clean: PassResult, n: int) -> PassResult:
+    """The clean pass's per-point records of its first `n` points (what AutoAttack reads of it)."""
+    return dataclasses.replace(clean, labels=clean.labels[:n], predictions=clean.predictions[:n], adv_predictions=None)
+
+
 # ----------------------------------------------------------------------------------------------- registration
 @dataclass(frozen=True)
 class AutoAttackOptions(AttackOptions):
     batch_size: int = 1000  # survivors per attacked batch
+    points: Optional[int] = None  # attack only the first this many evaluated points (None: all)
 
     @classmethod
     def from_config(cls, cfg, context: EvalContext) -> "AutoAttackOptions":
         """--eval-batch-size, else the dataset's policy for the device (data.info: 1000 on a GPU for small images,
-        else --test-batch-size)."""
+        else --test-batch-size); --autoattack-points."""
         if cfg.eval_batch_size or context.data is None:
-            return cls(cfg.eval_batch_size or cfg.test_batch_size)
+            return cls(cfg.eval_batch_size or cfg.test_batch_size, cfg.autoattack_points)
         on_gpu = context.device is not None and context.device.type == "cuda"
-        return cls(context.data.info.autoattack_batch_size(on_gpu, cfg.test_batch_size))
+        return cls(context.data.info.autoattack_batch_size(on_gpu, cfg.test_batch_size), cfg.autoattack_points)
 
 
 def check_autoattack(model: nn.Module, settings: EvalSettings, options: AutoAttackOptions, points) -> None:
@@ -319,14 +338,17 @@ def check_autoattack(model: nn.Module, settings: EvalSettings, options: AutoAtta
 
 def autoattack_entry(model: nn.Module, make_batches: Callable[[], Batches], settings: EvalSettings,
                      options: AutoAttackOptions, clean: PassResult) -> Dict[str, Any]:
-    """test.py's `autoattack`: the preset's ensemble over the whole set, as one result entry."""
+    """test.py's `autoattack`: the preset's ensemble over the whole set (or its first `options.points`), as one
+    result entry."""
+    if options.points is not None and options.points < clean.labels.numel():
+        make_batches, clean = first_points(make_batches, options.points), first_points_of_pass(clean, options.points)
     components = build_components(model, settings.preset, settings.threat, num_classes=settings.num_classes,
                                   seed=settings.seed)
     result = run_autoattack(model, make_batches, components, settings.threat, batch_size=options.batch_size,
                             seed=settings.seed, show_progress=settings.show_progress, clean=clean)
     per_component = {name: dict(comp, stderr=stderr(comp["robust_acc"], result.n))
                      for name, comp in result.per_component.items()}
-    params = {"preset": settings.preset, "version": "standard", "batch_size": options.batch_size,
+    params = {"preset": settings.preset, "version": "standard", "points": result.n, "batch_size": options.batch_size,
               "seed": settings.seed, "components": list(result.per_component), "per_component": per_component}
     return result_entry(settings, clean.labels, result.predictions, result.seconds, params,
                         max_perturbation=result.max_perturbation, clean_acc=result.clean_acc)

@@ -63,6 +63,7 @@ class Evaluated:
     batch_size: int
     train_config: Optional[Dict[str, Any]]  # the checkpoint's own config (None for foreign checkpoints)
     deviations: Optional[List[str]] = None  # from the AP benchmark's protocol (None: another preset)
+    budget: Optional[Dict[str, Any]] = None  # the checkpoint's budget record (pruning.budget.budget_record), if pruned
 
 
 # ----------------------------------------------------------------------------------------------- assembly
@@ -91,6 +92,8 @@ def assemble(evaluated: Evaluated, suite: Dict[str, Any]) -> Dict[str, Any]:
         result["protocol"] = protocol_record(suite, seed=cfg.seed, deviations=evaluated.deviations)
     result.update({
         "sparsity": evaluated.sparsity,
+        # target and reached keep (FLOPs ratio for channel) of the evaluated model: tables mark off-target cells
+        "budget": evaluated.budget,
         "seconds": suite["seconds"], "natural_seconds": suite["natural_seconds"],
         "batch_size": evaluated.batch_size,
         # format 1 records AutoAttack's batch of survivors at the top level, whether or not it ran
