@@ -531,7 +531,9 @@ def test_multi_gpu_train_tasks_run_under_torchrun(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- estimate
 def test_estimate_follows_the_documented_formula(tmp_path):
-    path = write_plan(tmp_path, methods=["dense"], flags={"pretrain": {"epochs": 2}, "test": {"attacks": "natural,pgd10"}})
+    path = write_plan(tmp_path, methods=["dense"], flags={"pretrain": {"epochs": 2},
+                                                          "test": {"attacks": "natural,pgd10,autoattack",
+                                                                   "autoattack_points": 100}})
     graph = graph_of(path)
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"arch": "small_cnn", "input_shape": [1, 8, 8], "device": "cpu",
@@ -539,10 +541,14 @@ def test_estimate_follows_the_documented_formula(tmp_path):
                                                   "forward_plain": 5000.0}, "R3": 1.0}))
     pretrain, test = graph.stages.values()
     benches = [estimate.load_bench(str(bench))]
+    startup = estimate.STARTUP_SECONDS
     # 2 epochs x 1437 images x 1/100 s, plus 2 validations x 360 images x (PGD-10 attack 0.01 - 0.001 + 2 forwards)
-    assert estimate.stage_cost(pretrain, benches).hours * 3600 == pytest.approx(2 * 1437 / 100 + 2 * 360 * 0.0094)
-    # 360 test images x (natural 1 + PGD-10 21 forward-equivalents) x 1/5000 s
-    assert estimate.stage_cost(test, benches).hours * 3600 == pytest.approx(360 * 22 / 5000)
+    assert estimate.stage_cost(pretrain, benches).hours * 3600 == pytest.approx(
+        startup + 2 * 1437 / 100 + 2 * 360 * 0.0094)
+    # 360 test images x (natural 1 + PGD-10 21 forward-equivalents) x 1/5000 s, AutoAttack on the first 100 only
+    autoattack = estimate.attack_cost("autoattack")
+    assert estimate.stage_cost(test, benches).hours * 3600 == pytest.approx(
+        startup + 360 * 22 / 5000 + 100 * autoattack / 5000)
     lines = estimate.report(graph, benches)
     assert any("device hours" in line for line in lines)
     missing = estimate.report(graph, [])
@@ -566,6 +572,7 @@ def test_estimate_of_the_certified_objectives_follows_the_documented_formula(tmp
     benches = [estimate.load_bench(str(bench))]
     seconds = {(s.kind, s.cfg.trainer): estimate.stage_cost(s, benches).hours * 3600 for s in graph.stages.values()}
     train = 4 * 1437   # 4 epochs of the digits training set; one validation on the 360 test images
+    seconds = {key: value - estimate.STARTUP_SECONDS for key, value in seconds.items()}
     assert seconds[("train", "smooth")] == pytest.approx(train / 500 + 360 * 11 / 5000)
     # beta > 0 in epochs 0 and 1 of a 3-epoch ramp
     assert seconds[("train", "crown-ibp")] == pytest.approx(1437 * (2 / 50 + 2 / 400) + 360 * (1 / 2000 + 1 / 5000))

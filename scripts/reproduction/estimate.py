@@ -42,12 +42,16 @@ steps (--num-steps) and seconds per image s_* from the benchmark:
   MixTrain          E N (s_plain + 0.8 k s_sym / B)      (k = --mixtrain-k, B = --batch-size)
   validation        V M (s_adv(K) - s_plain + 2 s_fwd)   (V validated epochs; M s_fwd with --val-method base;
                     smooth 11 s_fwd; ibp / sym: s_verify[b] + s_fwd)
+  every stage       + 4 s of start-up (interpreter, imports, data, model)
   test              n (s_fwd sum_a F_a + sum_b s_verify[b])   (n test images; F_a forward-equivalents per image of
                     attack a: natural 1, fgsm 3, pgdK 1+2K, cw 41, apgd 501, autoattack 1 + 200 p_clean + 9500
                     p_robust, certify N0 + 2N, or (N0 + 2N) s_draw / s_fwd when benchmarked; b the bounds ibp,
-                    sym, crown-ibp)"""
+                    sym, crown-ibp; AutoAttack on min(n, --autoattack-points) images)"""
 # AutoAttack's survivors (see the module docstring): clean-correct and robust fractions.
 AA_CLEAN, AA_ROBUST = 0.8, 0.48
+# Seconds every stage spends before its first step: the interpreter, torch and the toolkit imported, the data
+# loaded, the model built (about 4 s per train.py / test.py process on the 2-core CPU, digits or MNIST).
+STARTUP_SECONDS = 4.0
 
 
 def attack_cost(name: str, preset: str = "standard", certify_draws: int = 0) -> Optional[float]:
@@ -133,7 +137,8 @@ def _bench_for(stage: Stage, benches: Sequence[Bench]) -> Optional[Bench]:
 def stage_cost(stage: Stage, benches: Sequence[Bench]) -> StageCost:
     cfg = stage.cfg
     n_train, n_test = SPLIT_SIZES[cfg.dataset]
-    n_train = n_train * cfg.data_fraction
+    n_pool = n_train * cfg.data_fraction   # the training images drawn, of which --val-split are held out
+    n_train = n_pool * (1 - (cfg.val_split or 0))
     if stage.kind == TEST:
         n = min(cfg.n_examples or n_test, n_test)
         bench = _bench_for(stage, benches)
@@ -143,7 +148,8 @@ def stage_cost(stage: Stage, benches: Sequence[Bench]) -> StageCost:
         unknown = [a for a, s in seconds.items() if s is None]
         if unknown:
             return StageCost(stage, None, n, f"no cost model for {', '.join(unknown)}")
-        return StageCost(stage, n * sum(seconds.values()) / 3600, n)
+        points = {a: min(n, cfg.autoattack_points or n) if a == "autoattack" else n for a in seconds}
+        return StageCost(stage, (STARTUP_SECONDS + sum(points[a] * s for a, s in seconds.items())) / 3600, n)
     epochs = cfg.epochs + cfg.warmup_epochs
     bench = _bench_for(stage, benches)
     if bench is None:
@@ -151,12 +157,12 @@ def stage_cost(stage: Stage, benches: Sequence[Bench]) -> StageCost:
     step = _train_step_seconds(stage, bench)
     if step is None:
         return StageCost(stage, None, epochs * n_train, f"no cost model for --trainer {cfg.trainer}")
-    n_val = cfg.val_split * n_train if cfg.val_split else n_test
+    n_val = cfg.val_split * n_pool if cfg.val_split else n_test
     validations = math.ceil(epochs / cfg.val_every) + (1 if RECIPES[cfg.exp_mode].masked else 0)
     s_val = _validation_seconds(cfg, bench)
     if s_val is None:
         return StageCost(stage, None, epochs * n_train, f"no cost model for --val-method {cfg.val_method}")
-    seconds = epochs * n_train * step + validations * n_val * s_val
+    seconds = STARTUP_SECONDS + epochs * n_train * step + validations * n_val * s_val
     return StageCost(stage, seconds / 3600, epochs * n_train)
 
 
