@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 
 from configs.schema import config_to_dict
 from scripts.reproduction.plan import TRAIN, Graph, Stage
-from trainers.evaluation.report import is_complete_result
+from trainers.evaluation.report import is_complete_result, written_after_checkpoint
 from utils.atomic import atomic_write
 from utils.checkpoint import load_checkpoint
 from utils.run_dir import checkpoint_path, config_differences, finished_with_same_settings
@@ -140,11 +140,7 @@ def _remove(path: str) -> None:
 def test_done(result: str, checkpoint: str) -> bool:
     """test.py wrote this result, with every attack finished, after the checkpoint it evaluates was last written (an
     incomplete result is resumed by running the test again)."""
-    try:
-        newer = os.path.getmtime(result) >= os.path.getmtime(checkpoint)
-    except OSError:
-        return False
-    return newer and is_complete_result(result)
+    return written_after_checkpoint(result, checkpoint) and is_complete_result(result)
 
 
 def stage_done(stage: Stage) -> bool:

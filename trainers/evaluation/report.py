@@ -205,6 +205,15 @@ def read_result(path: str, *, complete: bool = False) -> Dict:
     return result
 
 
+def written_after_checkpoint(result: str, checkpoint: str) -> bool:
+    """The result file was written after the checkpoint it evaluates was last written (False if either is
+    missing): an older result describes weights that are no longer there."""
+    try:
+        return os.path.getmtime(result) >= os.path.getmtime(checkpoint)
+    except OSError:
+        return False
+
+
 def is_complete_result(path: str) -> bool:
     """A readable result of a known format with every attack finished."""
     try:
@@ -224,7 +233,7 @@ def finished_entries(target: str, evaluated: Evaluated) -> Dict[str, Dict[str, A
     except UserError:
         return {}
     same = (INCOMPLETE in previous and previous.get("checkpoint") == evaluated.checkpoint
-            and os.path.getmtime(target) >= os.path.getmtime(evaluated.checkpoint)
+            and written_after_checkpoint(target, evaluated.checkpoint)
             and previous.get("config") == json.loads(json.dumps(config_to_dict(evaluated.cfg))))
     if not same:
         return {}
