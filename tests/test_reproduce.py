@@ -556,6 +556,23 @@ def test_estimate_follows_the_documented_formula(tmp_path):
     assert any("s_adv(K)" in line for line in missing)  # the formula, for want of a benchmark
 
 
+def test_estimate_prices_the_ap_preset_as_it_runs(tmp_path):
+    """`all` under the AP preset is natural, AutoAttack and FMN, on at most the first 10,000 test points (SVHN's
+    26,032 are not all evaluated), with FMN's 32 tuning trials of 100 steps on 64 points and 200 steps on 128."""
+    path = write_plan(tmp_path, datasets=["CIFAR10", "SVHN"], archs=["resnet18"], methods=["dense"],
+                      flags={"test": {"attack_preset": "ap"}})
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"arch": "resnet18", "input_shape": [3, 32, 32], "device": "cuda",
+                                 "images_per_s": {"plain_train": 1000.0, "pgd10_at": 100.0, "pgd10_harp_prune": 80.0,
+                                                  "forward_plain": 5000.0}, "R3": 1.0}))
+    benches = [estimate.load_bench(str(bench))]
+    tests = [s for s in graph_of(path).stages.values() if s.kind == "test"]
+    fmn = 32 * 64 * (1 + 2 * 100) + 128 * (1 + 2 * 200)
+    expected = estimate.STARTUP_SECONDS + (10_000 * (1 + estimate.attack_cost("autoattack")) + fmn) / 5000
+    assert [estimate.stage_cost(s, benches).hours * 3600 for s in tests] == pytest.approx([expected, expected])
+    assert estimate.fmn_forwards(tests[0].cfg, 10_000) == fmn
+
+
 def test_estimate_of_the_certified_objectives_follows_the_documented_formula(tmp_path):
     flags = {"pretrain": {"epochs": 4, "val_every": 4}, "crown-ibp+pretrain": {"schedule_length": 3},
              "mixtrain+pretrain": {"mixtrain_k": 2, "batch_size": 50},

@@ -21,6 +21,8 @@ from configs.recipes import RECIPES
 from data.info import dataset_info
 from scripts.reproduction.plan import TEST, TRAIN, Graph, Stage
 from trainers.certify.bounds import METHODS as BOUNDS
+from trainers.evaluation.ap_protocol import AP_AA_POINTS, AP_PRESET, ap_attacks
+from trainers.evaluation.minimum_norm import FMN, FMNOptions, ap_fmn_plan
 from trainers.evaluation.registry import parse_attacks
 from trainers.evaluation.validation import validation_options
 from trainers.mixtrain import MIXTRAIN_PROBABILITY
@@ -46,7 +48,11 @@ steps (--num-steps) and seconds per image s_* from the benchmark:
   test              n (s_fwd sum_a F_a + sum_b s_verify[b])   (n test images; F_a forward-equivalents per image of
                     attack a: natural 1, fgsm 3, pgdK 1+2K, cw 41, apgd 501, autoattack 1 + 200 p_clean + 9500
                     p_robust, certify N0 + 2N, or (N0 + 2N) s_draw / s_fwd when benchmarked; b the bounds ibp,
-                    sym, crown-ibp; AutoAttack on min(n, --autoattack-points) images)"""
+                    sym, crown-ibp; AutoAttack on min(n, --autoattack-points) images)
+                    + s_fwd (T P_t (1 + 2 S_t) + P (1 + 2 S))   (fmn: T tuning trials of S_t steps on P_t tuning
+                    points, then S steps on its P attacked points; a step is a forward and a backward)
+  --attack-preset ap  `all` is natural, autoattack and fmn; n = min(test set, --n-examples, 10,000); FMN tunes 32
+                    trials of 100 steps on 64 points and attacks 128 points for 200 steps"""
 # AutoAttack's survivors (see the module docstring): clean-correct and robust fractions.
 AA_CLEAN, AA_ROBUST = 0.8, 0.48
 # Seconds every stage spends before its first step: the interpreter, torch and the toolkit imported, the data
@@ -140,16 +146,7 @@ def stage_cost(stage: Stage, benches: Sequence[Bench]) -> StageCost:
     n_pool = n_train * cfg.data_fraction   # the training images drawn, of which --val-split are held out
     n_train = n_pool * (1 - (cfg.val_split or 0))
     if stage.kind == TEST:
-        n = min(cfg.n_examples or n_test, n_test)
-        bench = _bench_for(stage, benches)
-        if bench is None:
-            return StageCost(stage, None, n)
-        seconds = {a: _test_seconds(a, cfg, bench) for a in parse_attacks(cfg.attacks)}
-        unknown = [a for a, s in seconds.items() if s is None]
-        if unknown:
-            return StageCost(stage, None, n, f"no cost model for {', '.join(unknown)}")
-        points = {a: min(n, cfg.autoattack_points or n) if a == "autoattack" else n for a in seconds}
-        return StageCost(stage, (STARTUP_SECONDS + sum(points[a] * s for a, s in seconds.items())) / 3600, n)
+        return _test_cost(stage, benches, n_test)
     epochs = cfg.epochs + cfg.warmup_epochs
     bench = _bench_for(stage, benches)
     if bench is None:
@@ -166,8 +163,50 @@ def stage_cost(stage: Stage, benches: Sequence[Bench]) -> StageCost:
     return StageCost(stage, seconds / 3600, epochs * n_train)
 
 
+def _test_cost(stage: Stage, benches: Sequence[Bench], n_test: int) -> StageCost:
+    """A test stage: every attack on the points it runs on (the AP preset's attacks and points under it)."""
+    cfg = stage.cfg
+    ap = cfg.attack_preset == AP_PRESET
+    n = min(cfg.n_examples or n_test, n_test, AP_AA_POINTS if ap else n_test)
+    bench = _bench_for(stage, benches)
+    if bench is None:
+        return StageCost(stage, None, n)
+    attacks = ap_attacks(cfg.attacks) if ap else parse_attacks(cfg.attacks)
+    try:
+        seconds = {a: _attack_seconds(a, cfg, bench, n) for a in attacks}
+    except UserError as err:  # the test itself would refuse these settings
+        return StageCost(stage, None, n, str(err))
+    unknown = [a for a, s in seconds.items() if s is None]
+    if unknown:
+        return StageCost(stage, None, n, f"no cost model for {', '.join(unknown)}")
+    return StageCost(stage, (STARTUP_SECONDS + sum(seconds.values())) / 3600, n)
+
+
+def _attack_seconds(name: str, cfg, bench: Bench, n: int) -> Optional[float]:
+    """Seconds of one attack or bound over the n evaluated points (AutoAttack on its first --autoattack-points)."""
+    if name == FMN:
+        return fmn_forwards(cfg, n) * bench.s_fwd
+    per_image = _test_seconds(name, cfg, bench)
+    points = min(n, cfg.autoattack_points or n) if name == "autoattack" else n
+    return None if per_image is None else points * per_image
+
+
+def fmn_forwards(cfg, n: int) -> float:
+    """Forward-equivalents of FMN on n evaluated points: its tuning (trials x tuning points x steps) and its attack
+    (attacked points x steps), a forward and a backward per step; under the AP preset the benchmark's HO-FMN
+    (minimum_norm.ap_fmn_plan), else --fmn-tune trials of --fmn-steps on --fmn-tune-points, then every point."""
+    if cfg.attack_preset == AP_PRESET:
+        plan = ap_fmn_plan(FMNOptions(tune=cfg.fmn_tune), n)
+        trials, tune_steps, steps = plan.trials, plan.tune_steps, plan.steps
+        tune_points, attacked = plan.tune_points[1] - plan.tune_points[0], plan.points[1] - plan.points[0]
+    else:
+        trials, tune_steps, steps = cfg.fmn_tune, cfg.fmn_steps, cfg.fmn_steps
+        tune_points, attacked = cfg.fmn_tune_points, n
+    return trials * tune_points * (1.0 + 2.0 * tune_steps) + attacked * (1.0 + 2.0 * steps)
+
+
 def _test_seconds(name: str, cfg, bench: Bench) -> Optional[float]:
-    """Seconds per test image of one attack or bound."""
+    """Seconds per test image of one per-image attack or bound."""
     if name in BOUNDS:
         return (bench.s_verify or {}).get(name)
     draws = cfg.certify_n0 + 2 * cfg.certify_n
