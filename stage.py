@@ -316,7 +316,24 @@ def adopt_stored_config(argv: List[str], cfg, sources: Dict[str, str], ckpt: Dic
         cfg, sources = resolve_config(argv + ["--dataset", stored["dataset"]], "test", "test.py",
                                       choices=option_choices())
     changes = {k: stored[k] for k in MODEL_KEYS if k in stored and k in cfg.__dataclass_fields__}
+    changes.update(trained_model_options(stored, cfg, sources, path))
     return dataclasses.replace(cfg, **changes), sources
+
+
+def trained_model_options(stored: Dict, cfg, sources: Dict[str, str], path: str) -> Dict:
+    """The stored values of the options the checkpoint's training loop declares part of its model
+    (`model_options`: a smoothed model's noise_std). An explicit different value is honoured with a warning."""
+    loop = TRAINERS.get(stored["trainer"]) if stored.get("trainer") in TRAINERS else None
+    adopted = {}
+    for key in getattr(loop, "model_options", ()):
+        if key not in stored or stored[key] == getattr(cfg, key):
+            continue
+        if explicit(sources, cfg, key):
+            log.warning("checkpoint %s was trained with %s %r; evaluating with %r as --%s says", path, key,
+                        stored[key], getattr(cfg, key), key.replace("_", "-"))
+        else:
+            adopted[key] = stored[key]
+    return adopted
 
 
 def describe_foreign(cfg, sources: Dict[str, str], state: Dict, path: str):

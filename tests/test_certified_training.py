@@ -17,6 +17,7 @@ import train
 from configs.cli import resolve_config
 from configs.errors import UserError
 from data import build_data, dataset_info
+from pruning.budget import on_target
 from models import create_model
 from scripts import make_tables
 from stage import build_model, option_choices
@@ -203,6 +204,12 @@ def mixtrain_runs(tmp_path_factory):
 OBJECTIVES = {"smooth_runs": "smooth", "crown_runs": "crown-ibp", "mixtrain_runs": "mixtrain"}
 
 
+def assert_percent_of_count(percent, count, n):
+    """`percent` is 100 * count / n: the count exactly, the percentage to float32's precision (a mean taken in
+    float32 on another machine differs in the 7th digit)."""
+    assert round(percent * n / 100) == count and percent == pytest.approx(100.0 * count / n, rel=1e-6)
+
+
 def test_smoothed_harp_model_is_certified_and_its_certified_accuracy_is_tabled(smooth_runs, capsys):
     root, common, _ = smooth_runs
     run = os.path.join(root, "cifar_model", "digits", "smooth", "digits_weight_010_uni_0.1", "harp_finetune")
@@ -210,7 +217,9 @@ def test_smoothed_harp_model_is_certified_and_its_certified_accuracy_is_tabled(s
                                             "--n-examples", "100", "--certify-n", "200"]) == 0
     with open(os.path.join(run, "eval", "model_best_standard.json")) as fh:
         result = json.load(fh)
-    assert result["sparsity"]["global_keep"] == pytest.approx(0.1, abs=0.002)
+    sparsity = result["sparsity"]
+    # the learned rates land where the CPU's float order takes them: on target, counted exactly
+    assert sparsity["global_keep"] == sparsity["kept"] / sparsity["total"] and on_target(sparsity["global_keep"], 0.1)
     entry = result["attacks"]["certify"]
     curve = entry["certified_accuracy"]
     assert [p["radius"] for p in curve] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
@@ -258,7 +267,7 @@ def test_certified_objectives_run_in_every_mode(runs, chain, request):
         assert train.main(common + PRUNED + ["--exp-mode", mode, "--epochs", "1"]) == 0
         run = os.path.join(root, "cifar_model", "digits", OBJECTIVES[runs], "digits_weight_010_uni_0.1", mode)
         record = metrics(run)[-1]
-        assert record["keep"] == pytest.approx(0.1, abs=0.002) and "robust_acc" in record
+        assert on_target(record["keep"], 0.1) and "robust_acc" in record  # rate modes learn their rates
         if runs == "mixtrain_runs":
             assert record["mixtrain_eps"] == 0.05  # prune and finetune: no ramp (the preset's schedule_length 0)
 
@@ -317,7 +326,7 @@ def test_mixtrain_validates_with_symbolic_verified_accuracy(mixtrain_runs):
                                      weights_only=True)["state_dict"])
     source = build_data("digits", data_dir="")
     flags = torch.cat([verified(model, x, y, eps=0.05, method=SYMBOLIC) for x, y in source.test_batches(512)])
-    assert records[-1]["robust_acc"] == pytest.approx(100.0 * int(flags.sum()) / len(flags), abs=1e-6)
+    assert_percent_of_count(records[-1]["robust_acc"], int(flags.sum()), len(flags))
 
 
 def test_train_validates_with_the_loops_measure_and_test_passes_the_certify_flags(crown_runs, smooth_runs):
@@ -331,7 +340,7 @@ def test_train_validates_with_the_loops_measure_and_test_passes_the_certify_flag
                                      weights_only=True)["state_dict"])
     source = build_data("digits", data_dir="")
     flags = torch.cat([verified(model, x, y, eps=0.05) for x, y in source.test_batches(512)])
-    assert metrics(run)[-1]["robust_acc"] == pytest.approx(100.0 * int(flags.sum()) / flags.numel(), abs=1e-9)
+    assert_percent_of_count(metrics(run)[-1]["robust_acc"], int(flags.sum()), flags.numel())
 
     root, _, evaluate = smooth_runs
     results = os.path.join(root, "certify_flags.json")

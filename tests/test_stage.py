@@ -1,11 +1,15 @@
 """stage.build_stage, the one stage builder of train.py and scripts/benchmark.py, and the contracts of the parts it
 builds (trainers/protocols.py)."""
+import dataclasses
+import logging
+
 import pytest
 import torch
 
-from configs.schema import Config
+from configs.cli import resolve_config
+from configs.schema import Config, config_to_dict
 from data.info import dataset_info
-from stage import Source, build_stage
+from stage import Source, adopt_checkpoint, build_stage, option_choices
 from trainers.protocols import Stateful
 from trainers.regularizers import HOOKS
 from trainers.attacks.threat import threat_from_config
@@ -75,3 +79,20 @@ def test_a_resumed_stage_holds_the_weights_optimizer_and_part_states_it_was_save
     for key, part in resumed.parts.stateful().items():
         assert same(part.state_dict(), saved[key]), key
     assert resumed.parts.stateful()["free_perturbation"].state_dict()["delta"].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------- test.py's adoption
+def _adopt(argv, **trained):
+    """test.py's config for a checkpoint trained with `trained` on top of the digits preset."""
+    cfg, sources = resolve_config(["--dataset", "digits"] + argv, "test", "test.py", choices=option_choices())
+    stored = config_to_dict(dataclasses.replace(cfg, exp_mode="pretrain", **trained))
+    adopted, _ = adopt_checkpoint(["--dataset", "digits"] + argv, cfg, sources, {"config": stored}, "ckpt.pth.tar")
+    return adopted
+
+
+def test_a_smoothed_checkpoint_is_certified_at_its_training_sigma(caplog):
+    assert _adopt([], trainer="smooth", noise_std=0.5).noise_std == 0.5
+    assert _adopt([], trainer="adv", noise_std=0.5).noise_std == 0.25  # not smoothed: no sigma of its own
+    with caplog.at_level(logging.WARNING, logger="stage"):
+        assert _adopt(["--noise-std", "0.3"], trainer="smooth", noise_std=0.5).noise_std == 0.3
+    assert "trained with noise_std 0.5; evaluating with 0.3" in caplog.text

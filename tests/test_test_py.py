@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train
+from pruning.budget import on_target
 from tests.conftest import load_entry_point
 
 try:
@@ -88,7 +89,7 @@ def test_seed_command_evaluates_the_runs_best_checkpoint(runs, capsys):
     sparsity = result["sparsity"]
     assert sparsity["kept"] == sum(v["kept"] for v in sparsity["per_layer"].values())
     assert sparsity["global_keep"] == sparsity["kept"] / sparsity["total"]
-    assert sparsity["global_keep"] == pytest.approx(0.5, abs=0.01)
+    assert on_target(sparsity["global_keep"], 0.5)  # HARP's learned rates: where the CPU's float order takes them
     assert all(0 < v["keep"] <= 1 for v in sparsity["per_layer"].values())
     assert [p["eps"] for p in result["security_curve"]] == [0.05, 0.1]
     assert result["security_curve"][1]["robust_acc"] == result["attacks"]["pgd10"]["robust_acc"]
@@ -163,7 +164,7 @@ def test_original_harp_dense_export_with_leftover_rates(runs, tmp_path):
                         "--attacks", "natural", "--n-examples", "40", "--no-progress"]) == 0
     result = load(str(tmp_path / "eval" / "harp_dense_standard.json"))
     assert result["exp_mode"] == "harp_finetune" and result["checkpoint_kind"] == "external (plain weights)"
-    assert result["sparsity"]["global_keep"] == pytest.approx(0.5, abs=0.01)
+    assert on_target(result["sparsity"]["global_keep"], 0.5)
 
 
 def test_hydra_layout_without_rates_keeps_k_in_every_layer(runs, tmp_path):

@@ -53,6 +53,7 @@ class SmoothingLoop(ObjectiveLoop):
     """--trainer smooth: one step per batch on the --smooth-loss objective, after --warmup-epochs of --warmup-loss."""
 
     validation_method = SMOOTH_VALIDATION
+    model_options = ("noise_std",)  # the smoothed classifier is the network under noise of this std
 
     def __init__(self, cfg, threat: ThreatModel, device: torch.device):
         super().__init__(cfg, threat, device)

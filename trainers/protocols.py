@@ -17,6 +17,9 @@ class TrainingLoop(Protocol):
     trainers/evaluation/validation.py)."""
 
     hooks: Tuple[str, ...] = ()  # registered per-epoch hooks the loop brings into every mode (Fast-AT's guard)
+    # Config fields that are part of the model the loop trains (the smoothed classifier's noise_std): test.py adopts
+    # them from the checkpoint's stored config (stage.adopt_stored_config).
+    model_options: Tuple[str, ...] = ()
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse, with a one-line UserError at set-up, a model the loop cannot train (CROWN-IBP: a Sequential
