@@ -51,7 +51,8 @@ def _flaky_run(model, make_batches, settings, options, clean):
 
 def _install_flaky():
     if FLAKY not in ATTACKS:
-        ATTACKS.add(FLAKY, AttackSpec(FLAKY, "fails on demand (tests)", run=_flaky_run, in_all=False))
+        ATTACKS.add(FLAKY, AttackSpec(FLAKY, "fails on demand (tests)", run=_flaky_run, check=lambda *args: None,
+                                      in_all=False))
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +139,18 @@ def test_attacks_help_lists_every_attack_with_its_summary(digits_run, capsys):
     assert any(line.startswith(toy_attack.NAME) and "random points of the eps-ball" in line for line in out)
     assert any(line.startswith("fmn") and "not in 'all'" in line for line in out)
     assert out == attack_help()
+
+
+def test_every_attack_declares_its_pre_flight_check():
+    from trainers.evaluation.registry import attack_names
+    assert all(callable(ATTACKS.get(name).check) for name in attack_names())
+    with pytest.raises(ValueError, match="pre-flight check"):
+        AttackSpec("unchecked", "a whole-set attack without a check", run=_flaky_run)
+    settings = EvalSettings(threat=ThreatModel(0.1, 0.025, 0))
+    with pytest.raises(UserError, match="--attacks pgd: --num-steps 0: PGD needs at least one step"):
+        suite.preflight(torch.nn.Linear(2, 2), ["fgsm", "pgd10", "pgd"], settings)
+    with pytest.raises(UserError, match="--attacks pgd10: --step-size 0: PGD needs a positive step size"):
+        suite.preflight(torch.nn.Linear(2, 2), ["pgd10"], EvalSettings(threat=ThreatModel(0.1, 0.0, 10)))
 
 
 def test_a_spec_is_one_kind_of_attack():

@@ -4,9 +4,9 @@ An attack is one `AttackSpec`, registered once by its module:
 
 - its options: a frozen dataclass of its own (`AttackOptions` subclass) with `from_config(cfg, context)`, so
   test.py builds every attack's options in one loop (`attack_options`) and names no attack;
-- its pre-flight `check(model, settings, options, points)`: raises a one-line UserError for settings that cannot
-  work with this model, threat model or number of points, before anything is computed (suite.preflight prefixes
-  the attack's name);
+- its pre-flight `check(model, settings, options, points)` (required): raises a one-line UserError for settings
+  that cannot work with this model, threat model or number of points, before anything is computed
+  (suite.preflight runs every requested attack's before the clean pass and prefixes the attack's name);
 - what it runs, one of two kinds:
   per-batch attacks (`make(model, settings, options) -> attack(x, y) -> x_adv`, scored by
   trainers.evaluation.scoring, their `params(settings, options)` recorded in the entry); they can also serve as
@@ -93,7 +93,7 @@ class AttackSpec:
     params: Optional[Callable[[EvalSettings, Any], Dict[str, Any]]] = None  # what a per-batch attack ran with
     run: Optional[Callable[..., Dict[str, Any]]] = None
     options: Type[AttackOptions] = NoOptions
-    check: Optional[Callable[[nn.Module, EvalSettings, Any, Optional[int]], None]] = None
+    check: Optional[Callable[[nn.Module, EvalSettings, Any, Optional[int]], None]] = None  # required
     artifacts: Tuple[str, ...] = ()                           # entry keys naming files beside the result JSON
     fixed: Dict[str, Any] = field(default_factory=dict)       # threat fields its name fixes in test.py
     in_all: bool = True                                        # part of `--attacks all`
@@ -105,6 +105,8 @@ class AttackSpec:
         if (self.make is None) != (self.params is None):
             raise ValueError(f"attack {self.name!r}: a per-batch attack records its params; a whole-set one writes "
                              "its own entry")
+        if self.check is None:
+            raise ValueError(f"attack {self.name!r}: declare its pre-flight check of the settings (check=...)")
 
     def settings_for_test(self, settings: EvalSettings) -> EvalSettings:
         return settings.with_threat(**self.fixed) if self.fixed else settings

@@ -59,7 +59,7 @@ def preflight(model: nn.Module, attacks: Sequence[str], settings: EvalSettings,
     """Every requested attack's check of its settings against this model, threat model and number of evaluated
     points (None: not known), before anything is computed: one line naming the attack and the problem."""
     for name in attacks:
-        if name == NATURAL or attack(name).check is None:
+        if name == NATURAL:
             continue
         spec = attack(name)
         try:
