@@ -24,9 +24,8 @@ from configs.errors import UserError
 from pruning.wrap import model_sparsity
 from stage import (adopt_checkpoint, build_evaluated_model, checkpoint_kind, evaluation_threat, load_data,
                    option_choices)
-from trainers.evaluation.ap_protocol import AP_PRESET, ap_attacks, ap_config
-from trainers.evaluation.registry import (EvalContext, EvalSettings, attack_help, attack_options, parse_attacks,
-                                          wants_help)
+from trainers.evaluation.ap_protocol import AP_PRESET, ap_config, preset_attacks
+from trainers.evaluation.registry import EvalContext, EvalSettings, attack_help, attack_options, wants_help
 from trainers.evaluation.report import (Evaluated, assemble, finished_entries, log_summary, result_path,
                                         write_result)
 from trainers.evaluation.suite import IncompleteSuite, parse_epsilons, run_suite
@@ -40,7 +39,7 @@ log = logging.getLogger("test")
 
 def evaluate_checkpoint(argv: List[str], cfg, sources: Dict[str, str]) -> Tuple[Dict, str]:
     """Run the whole evaluation of the resolved command line; returns the result dict and the path of its JSON."""
-    attacks, epsilons = parse_attacks(cfg.attacks), parse_epsilons(cfg.epsilons)
+    attacks, epsilons = preset_attacks(cfg.attacks, cfg.attack_preset), parse_epsilons(cfg.epsilons)
     path = evaluated_checkpoint(cfg)
     device = resolve_device(cfg.device, cfg.gpu, cfg.no_cuda)
     ckpt = load_checkpoint(path, map_location=device)
@@ -54,7 +53,6 @@ def evaluate_checkpoint(argv: List[str], cfg, sources: Dict[str, str]) -> Tuple[
     deviations = None
     if cfg.attack_preset == AP_PRESET:  # the benchmark's threat model, points and batches
         cfg, deviations = ap_config(cfg, sources)
-        attacks = ap_attacks(cfg.attacks)
     model = build_evaluated_model(cfg, data.info, ckpt, path, device)
     sparsity = model_sparsity(model)
     log.info("%s %s, %s: kept %d of %d prunable weights (%.4f%%, sparsity %.4f%%)", cfg.arch, cfg.exp_mode,

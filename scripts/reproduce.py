@@ -175,19 +175,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         graph = expand(load_plan(plan_path, result_dir), option_choices())
         markers = Markers(state_root(graph.plan.result_dir))
+        # every section of the plan is checked whatever is asked for, so a dry run shows what a run would refuse
+        slurm = slurm_settings(graph.plan.slurm, {"partition": args.partition, "gpus": args.gpus, "time": args.time,
+                                                  "extra": args.sbatch_arg})
+        collecting = collect_settings(graph.plan.collect, {"attack": args.attack, "preset": args.preset,
+                                                           "metric": args.metric})
         if args.dry_run:
             print_dry_run(graph, python, args.json)
         elif args.status:
             print_status(graph, markers, args.json, args.verbose)
         elif args.collect:
-            settings = collect_settings(graph.plan.collect, {"attack": args.attack, "preset": args.preset,
-                                                             "metric": args.metric})
             folder = out or os.path.join(graph.plan.result_dir, "tables", graph.plan.name)
-            collect(graph, graph_states(graph, markers), folder, settings)
+            collect(graph, graph_states(graph, markers), folder, collecting)
         elif args.slurm:
-            settings = slurm_settings(graph.plan.slurm, {"partition": args.partition, "gpus": args.gpus,
-                                                         "time": args.time, "extra": args.sbatch_arg})
-            submit(graph, python, markers, settings, sbatch=args.sbatch)
+            submit(graph, python, markers, slurm, sbatch=args.sbatch)
         elif args.estimate is not None:
             print("\n".join(report(graph, benches)))
         else:

@@ -119,6 +119,10 @@ def parse(argv: Sequence[str]):
     if any(a.split("=")[0] in ("--exp-mode", "--exp_mode") for a in rest):
         raise UserError("the search starts from the pretrained model: drop --exp-mode (--source-net PATH names "
                         "another checkpoint)")
+    given, _ = resolve_config(list(rest), "train", PROG, choices=option_choices())  # as given, before the mode
+    if given.k is None:
+        raise UserError("--k is required: the kept fraction the strategies are searched for (the budget unless "
+                        "--budget), e.g. --k 0.05")
     cfg, sources = resolve_config(list(rest) + ["--exp-mode", CONFIG_MODE], "train", PROG, choices=option_choices())
     if sources["val_split"] == "default":
         cfg = dataclasses.replace(cfg, val_split=DEFAULT_REWARD_SPLIT)

@@ -36,8 +36,7 @@ RULES = ("uni", "erk", "lamp", "original")
 
 _SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 _ID_RE = re.compile(r"^(?P<digits>[0-9]{3,})_(?P<rule>[a-z]+)$")
-_VALID_FORMS = ("<density>_<rule> such as 010_uni, 005_erk or 001_lamp (010 = 0.10 kept; rules uni, erk, lamp), "
-                "'original', or a strategy file FILE.yaml|.json:ID")
+_VALID_FORMS = "<digits>_uni|erk|lamp, original or FILE.yaml:ID"
 
 
 def parse_strategy_id(stg_id: str) -> tuple[float, str]:
@@ -50,13 +49,13 @@ def parse_strategy_id(stg_id: str) -> tuple[float, str]:
         return 1.0, "original"
     match = _ID_RE.match(stg_id) if isinstance(stg_id, str) else None
     if match is None:
-        raise UserError(_bad_id_message(stg_id, "not <digits>_<rule>"))
+        raise UserError(_bad_id_message(stg_id, "malformed"))
     digits, rule = match.group("digits"), match.group("rule")
     if rule not in RULES or rule == "original":
-        raise UserError(_bad_id_message(stg_id, f"unknown rule {rule!r}"))
+        raise UserError(_bad_id_message(stg_id, f"rule {rule!r}"))
     value = int(digits) / 10 ** (len(digits) - 1)
     if not 0.0 < value <= 1.0:
-        raise UserError(_bad_id_message(stg_id, f"keep ratio {value:g} not in (0, 1]"))
+        raise UserError(_bad_id_message(stg_id, f"keeps {value:g}"))
     return value, rule
 
 
@@ -84,7 +83,7 @@ def _bad_id_message(stg_id: object, why: str) -> str:
         for granularity, ids in sorted(_load(arch).items()):
             shipped.append(f"{arch}/{granularity}: {', '.join(sorted(ids))}")
     listing = "; ".join(shipped) if shipped else "none"
-    return f"invalid strategy id {stg_id!r} ({why}): use {_VALID_FORMS}; shipped lists: {listing}"
+    return f"invalid strategy id {stg_id!r} ({why}): use {_VALID_FORMS}; shipped: {listing}"
 
 
 @functools.lru_cache(maxsize=None)

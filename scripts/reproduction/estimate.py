@@ -21,9 +21,8 @@ from configs.recipes import RECIPES
 from data.info import dataset_info
 from scripts.reproduction.plan import TEST, TRAIN, Graph, Stage
 from trainers.certify.bounds import METHODS as BOUNDS
-from trainers.evaluation.ap_protocol import AP_AA_POINTS, AP_PRESET, ap_attacks
+from trainers.evaluation.ap_protocol import AP_AA_POINTS, AP_PRESET, preset_attacks
 from trainers.evaluation.minimum_norm import FMN, FMNOptions, ap_fmn_plan
-from trainers.evaluation.registry import parse_attacks
 from trainers.evaluation.validation import validation_options
 from trainers.mixtrain import MIXTRAIN_PROBABILITY
 
@@ -171,7 +170,7 @@ def _test_cost(stage: Stage, benches: Sequence[Bench], n_test: int) -> StageCost
     bench = _bench_for(stage, benches)
     if bench is None:
         return StageCost(stage, None, n)
-    attacks = ap_attacks(cfg.attacks) if ap else parse_attacks(cfg.attacks)
+    attacks = preset_attacks(cfg.attacks, cfg.attack_preset)
     try:
         seconds = {a: _attack_seconds(a, cfg, bench, n) for a in attacks}
     except UserError as err:  # the test itself would refuse these settings

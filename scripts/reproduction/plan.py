@@ -45,8 +45,10 @@ import yaml
 from configs.cli import resolve_config
 from configs.errors import UserError
 from configs.recipes import RECIPES, STAGES, canonical_mode
-from configs.schema import DATASETS, FLAG, FLOATS, OPTION_BY_NAME, TRISTATE, Config
+from configs.schema import DATASETS, FLAG, FLOATS, OPTION_BY_NAME, TRISTATE, Config, coerce_value
+from trainers.evaluation.ap_protocol import preset_attacks
 from trainers.evaluation.report import result_path
+from trainers.evaluation.suite import parse_epsilons
 from utils.run_dir import checkpoint_path, objective_component, run_dir, source_checkpoint
 
 TRAIN, TEST = "train", "test"
@@ -128,9 +130,10 @@ def load_plan(path: str, result_dir: Optional[str] = None) -> Plan:
     granularities = _granularities(data.get("granularities") or {}, path)
     if not granularities and any(_masked_chain(m) for m in methods):
         raise UserError(f"plan {path} has pruning methods but no `granularities` (e.g. weight: [0.1, 0.01])")
-    seeds = tuple(int(s) for s in _listed(data, "seeds", path)) or (None,)
-    if any(s < 0 for s in seeds if s is not None) or len(set(seeds)) != len(seeds):
-        raise UserError(f"plan {path}: seeds must be distinct non-negative integers")
+    seeds = tuple(_listed(data, "seeds", path)) or (None,)
+    if any(s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0) for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise UserError(f"plan {path}: seeds must be distinct non-negative integers, got {list(seeds)}")
     arch_names = tuple(_choice(a, archs, "architecture", path) for a in _listed(data, "archs", path)) or (None,)
     datasets = tuple(_choice(d, DATASETS, "dataset", path) for d in _listed(data, "datasets", path))
     objectives = tuple(str(o) for o in _listed(data, "objectives", path))
@@ -207,10 +210,9 @@ def _granularities(value: Any, path: str) -> Tuple[Tuple[str, Tuple[float, ...]]
         if name not in GRANULARITIES:
             raise UserError(f"unknown granularity {name!r} in plan {path}; choose from: {', '.join(GRANULARITIES)}")
         ks = ks if isinstance(ks, list) else [ks]
-        try:
-            ks = tuple(float(k) for k in ks)
-        except (TypeError, ValueError):
-            raise UserError(f"granularity {name} in plan {path}: k must be numbers, got {ks!r}") from None
+        if any(isinstance(k, bool) or not isinstance(k, (int, float)) for k in ks):
+            raise UserError(f"granularity {name} in plan {path}: k must be numbers, got {ks!r}")
+        ks = tuple(float(k) for k in ks)
         if not ks or any(not 0 < k <= 1 for k in ks):
             raise UserError(f"granularity {name} in plan {path}: give k values in (0, 1], got {list(ks)}")
         out.append((name, tuple(dict.fromkeys(ks))))
@@ -238,6 +240,7 @@ def _sections(value: Any, path: str, archs: Sequence[str], objectives: Sequence[
                 raise UserError(f"unknown option {option!r} in flags.{key} of plan {path}")
             if name in RESERVED:
                 raise UserError(f"option {option!r} in flags.{key} of plan {path} is not allowed: {RESERVED[name]}")
+            coerce_value(name, _as_cli_value(name, setting), f"flags.{key} of plan {path}")
             checked.append((name, setting))
         weight = sum(_SELECTOR_WEIGHTS[kind] * len(names) for kind, names in selectors.items())
         sections.append(Section(str(key), {k: frozenset(v) for k, v in selectors.items()}, tuple(checked), weight))
@@ -427,6 +430,11 @@ def _stage(graph: Graph, choices, kind: str, mode: str, point: GridPoint, granul
         if os.path.normpath(directory) != os.path.normpath(previous.run_dir):
             raise UserError(f"plan {plan.path}: the test of {label} would read {directory}, but its run is "
                             f"{previous.run_dir}; set options that name a run (stg_id) for train and test alike")
+        try:  # what test.py parses first, so that a typo shows now, not after every training stage
+            preset_attacks(cfg.attacks, cfg.attack_preset)
+            parse_epsilons(cfg.epsilons)
+        except UserError as err:
+            raise UserError(f"plan {plan.path}: test stage {label}: {err}") from None
         checkpoint = checkpoint_path(directory, cfg.checkpoint)
         result = result_path(checkpoint, cfg.attack_preset)
         result = result if os.path.isabs(directory) else os.path.relpath(result)  # as the run directory is given
@@ -466,6 +474,13 @@ def _flag_tokens(plan: Plan, node: NodeInfo) -> List[str]:
                             f"{'`train`' if scope == TRAIN else '`test`'} selector")
         tokens += option_tokens(name, value)
     return tokens
+
+
+def _as_cli_value(name: str, value: Any) -> Any:
+    """A plan option's value as the command line gives it (a list of names joined by commas), for type checks."""
+    if isinstance(value, (list, tuple)) and OPTION_BY_NAME[name].kind != FLOATS:
+        return ",".join(str(v) for v in value)
+    return value
 
 
 def option_tokens(name: str, value: Any) -> List[str]:

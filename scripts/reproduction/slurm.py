@@ -21,7 +21,7 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from configs.errors import UserError
 from configs.recipes import STAGES
@@ -31,6 +31,7 @@ from scripts.reproduction.state import Markers, test_done
 
 ARRAY_ORDER = STAGES + (TEST,)
 SETTINGS = ("partition", "gpus", "cpus_per_task", "mem", "time", "max_parallel", "extra")
+SETTING_MINIMUM = {"gpus": 0, "cpus_per_task": 1, "max_parallel": 1}  # the integer settings
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,33 @@ class Submission:
 
 
 def slurm_settings(plan_section: Mapping[str, Any], overrides: Mapping[str, Any]) -> Dict[str, Any]:
-    """The plan's `slurm:` settings with the command line's on top (None: not given)."""
+    """The plan's `slurm:` settings with the command line's on top (None: not given), each of its type."""
     unknown = sorted(set(plan_section) - set(SETTINGS))
     if unknown:
         raise UserError(f"unknown slurm setting {unknown[0]!r} in the plan; allowed: {', '.join(SETTINGS)}")
     merged = dict(plan_section)
     merged.update({k: v for k, v in overrides.items() if v is not None})
+    for name, value in merged.items():
+        for stage, single in (value.items() if isinstance(value, Mapping) else [(None, value)]):
+            if stage is not None and stage not in ARRAY_ORDER + ("default",):
+                raise UserError(f"slurm {name}: unknown stage {stage!r}; use {', '.join(ARRAY_ORDER)} or default")
+            _check_setting(name if stage is None else f"{name}.{stage}", single, SETTING_MINIMUM.get(name))
     return merged
+
+
+def _check_setting(where: str, value: Any, minimum: Optional[int]) -> None:
+    """An integer >= minimum (gpus, cpus_per_task, max_parallel), a list of sbatch arguments or one string (extra),
+    else text or a number (partition, mem, time: '12:00:00' or minutes)."""
+    if value is None:
+        return
+    if minimum is not None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise UserError(f"slurm {where} must be an integer >= {minimum}, got {value!r}")
+    elif where.startswith("extra"):
+        if not isinstance(value, (str, list)) or not all(isinstance(a, str) for a in value):
+            raise UserError(f"slurm {where} must be a list of sbatch arguments, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise UserError(f"slurm {where} must be text or a whole number, got {value!r}")
 
 
 def _for_stage(value: Any, stage: str) -> Any:

@@ -86,6 +86,11 @@ def ap_attacks(text: str) -> List[str]:
     return list(AP_ATTACKS) if str(text).strip().lower() == "all" else parse_attacks(text)
 
 
+def preset_attacks(text: str, preset: str) -> List[str]:
+    """What test.py runs for `--attacks text` under `--attack-preset preset` (one-line UserError for a bad list)."""
+    return ap_attacks(text) if preset == AP_PRESET else parse_attacks(text)
+
+
 def _points(value: Sequence[int]) -> List[int]:
     return [int(value[0]), int(value[1])]
 

@@ -163,8 +163,7 @@ def parse_attacks(text: str) -> List[str]:
         names = suite_names() + [n for n in names if n != "all"]
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise UserError(f"unknown attack {unknown[0]!r} in --attacks; choose from: all, {', '.join(known)} "
-                        f"(--attacks {HELP} describes them)")
+        raise UserError(f"unknown attack {unknown[0]!r} in --attacks (python test.py --attacks {HELP} lists them)")
     return [n for n in known if n in names]
 
 
