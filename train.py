@@ -284,10 +284,9 @@ class Run:
         if self.recipe.best_when != BEST_ONCE_TARGET_MET or any(r.get("target_met") for r in self.history):
             return
         final = self.history[-1]
-        raise UserError(f"the keep target k = {self.cfg.k} was never reached in {self.cfg.epochs} epochs (final soft "
-                        f"cost {final.get('soft_cost', float('nan')):.4f}, hw loss {final.get('hw_loss', float('nan')):.4f}), "
-                        "so there is no model_best.pth.tar to finetune; rerun with --overwrite and a larger --gamma "
-                        "or more --epochs")
+        raise UserError(f"k = {self.cfg.k} never reached in {self.cfg.epochs} epochs (soft cost "
+                        f"{final.get('soft_cost', float('nan')):.4f}, hw loss {final.get('hw_loss', float('nan')):.4f}): "
+                        "no model_best.pth.tar to finetune; rerun with --overwrite and a larger --gamma or more --epochs")
 
     def budget_warning(self) -> Optional[str]:
         """One line when the model this run hands on (its best checkpoint) is more than TARGET_TOLERANCE away from

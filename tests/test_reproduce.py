@@ -529,6 +529,27 @@ def test_multi_gpu_train_tasks_run_under_torchrun(tmp_path):
     assert slurm._task(pretrain_test, "py", markers, 4)["command"][:2] == ["py", "test.py"]
 
 
+@pytest.mark.parametrize("fields,words", [
+    ({"seeds": ["abc"]}, "seeds must be distinct non-negative integers"),
+    ({"seeds": [1.7]}, "seeds must be distinct non-negative integers"),
+    ({"slurm": {"gpus": "two"}}, "slurm gpus must be an integer >= 0, got 'two'"),
+    ({"slurm": {"time": {"prune": [1]}}}, "slurm time.prune must be text"),
+    ({"slurm": {"time": {"pretrian": "1:00:00"}}}, "unknown stage 'pretrian'"),
+    ({"flags": {"test": {"attacks": "pgd10,deepfoo"}}}, "unknown attack 'deepfoo'"),
+    ({"flags": {"test": {"epsilons": "0.1,abc"}}}, "bad value 'abc' in --epsilons"),
+    ({"flags": {"train": {"no_progress": "maybe"}}}, "bad value 'maybe' for no_progress"),
+    ({"flags": {"train": {"epochs": 2.5}}}, "bad value 2.5 for epochs"),
+    ({"granularities": {"weight": [0.1, 1.5]}}, "give k values in (0, 1]"),
+    ({"granularities": {"weight": ["abc"]}}, "k must be numbers"),
+])
+def test_a_bad_plan_fails_its_dry_run_with_one_line(tmp_path, capsys, fields, words):
+    path = write_plan(tmp_path, **fields)
+    assert reproduce.main([path, "--dry-run"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("reproduce.py: error: ") and words in lines[0]
+    assert len(lines[0].replace(path, "PLAN")) <= 200
+
+
 # ----------------------------------------------------------------------------------------------- estimate
 def test_estimate_follows_the_documented_formula(tmp_path):
     path = write_plan(tmp_path, methods=["dense"], flags={"pretrain": {"epochs": 2},

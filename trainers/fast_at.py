@@ -80,9 +80,8 @@ class OverfitGuard:
 
     def before_epoch(self, epoch: int) -> Dict[str, Any]:
         if self.action == "stop" and self.collapsed_at is not None:
-            raise UserError(f"stopped by --overfit-guard stop: catastrophic overfitting in epoch {self.collapsed_at} "
-                            "(PGD validation accuracy collapsed while FGSM training accuracy rose); "
-                            "model_best.pth.tar holds the best epoch before it")
+            raise UserError(f"--overfit-guard stop: catastrophic overfitting in epoch {self.collapsed_at} (PGD "
+                            "validation accuracy collapsed, FGSM training accuracy rose); model_best.pth.tar is before it")
         return {}
 
     def after_epoch(self, epoch: int, record: Dict[str, Any]) -> None:
