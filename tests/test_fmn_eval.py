@@ -239,6 +239,23 @@ def test_square_and_minimum_norm_checks():
     assert masking_checks.minimum_norm_below_fixed_budget(other)["fmn_eps"] == EPS
 
 
+def test_minimum_norm_check_scales_its_threshold_when_fmn_and_autoattack_saw_different_points():
+    """The AP preset: FMN on test points [2048, 2176), AutoAttack on the first 10,000. A 7-point gap is within two
+    standard errors of 47 % on 128 points (4.41 each), so it is sampling, not masking; on the same points it flags."""
+    fmn = dict(_fmn(40.0, FAILURES_ZERO), points=[2048, 2176], n_points=128)
+    aa = {"robust_acc": 47.0, "eps": EPS, "norm": LINF, "points": 10_000}
+    apart = masking_checks.minimum_norm_below_fixed_budget({"autoattack": aa, "fmn": fmn}, n=10_000)
+    assert not apart["flagged"] and not apart["same_points"]
+    assert apart["threshold"] == pytest.approx(2 * 100 * (0.47 * 0.53 / 128) ** 0.5)
+    wider = masking_checks.minimum_norm_below_fixed_budget({"autoattack": aa, "fmn": dict(fmn, curve=_fmn(37.0)[
+        "curve"])}, n=10_000)
+    assert wider["flagged"] and "standard errors of 128" in wider["detail"]
+    same = dict(_fmn(40.0), points=[0, 500], n_points=500)
+    paired = masking_checks.minimum_norm_below_fixed_budget({"pgd50": {"robust_acc": 47.0, "eps": EPS, "norm": LINF},
+                                                             "fmn": same}, n=500)
+    assert paired["flagged"] and paired["same_points"] and paired["threshold"] == masking_checks.MIN_NORM_GAP_PP
+
+
 # ------------------------------------------------------------------------------------------ test.py, tables, plots
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):

@@ -14,7 +14,10 @@ a check being `{"flagged": bool, "detail": str, ...its numbers}`). None stops th
                           APGD-CE, APGD-T and FAB-T: the white-box attacks missed what a gradient-free one found
     minimum_norm_below_fixed_budget  FMN's robust accuracy at an attack's eps is more than 5 points below the
                           lowest robust accuracy of the fixed-budget attacks (PGD, CW, APGD, AutoAttack): a
-                          minimum-norm attack on logit differences found adversarial points they missed
+                          minimum-norm attack on logit differences found adversarial points they missed. When
+                          the two ran on different points (the AP preset: FMN on 128, AutoAttack on the first
+                          10,000; --autoattack-points), the threshold is at least MIN_NORM_GAP_SE binomial
+                          standard errors of the smaller point count, so sampling alone rarely flags it
 
 The first three are official AutoAttack's `check_randomized`, `check_range_output` and `check_zero_gradients`,
 the fourth its `check_square_sr`; the last is ours (FMN distances far below PGD's).
@@ -26,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from trainers.attacks.fmn import attack_objective
+from trainers.evaluation.scoring import stderr
 from utils.modes import eval_mode
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,7 @@ RANDOMISED_PASSES = 5          # official AutoAttack's forward passes of check_r
 RANDOMISED_TOLERANCE = 1e-4    # largest change of the L2-normalised logits
 SQUARE_GAP_PP = 0.2            # official check_square_sr, percentage points
 MIN_NORM_GAP_PP = 5.0          # FMN below the best fixed-budget attack by more than this (percentage points)
+MIN_NORM_GAP_SE = 2.0          # ... and by more than this many standard errors when they ran on different points
 FIXED_BUDGET_ATTACKS = ("pgd", "pgd10", "pgd20", "pgd50", "cw", "apgd", "autoattack")
 SQUARE_COMPONENT = "square"
 Check = Dict[str, Any]
@@ -96,8 +101,30 @@ def _curve_at(curve: Iterable[Dict[str, float]], eps: float) -> Optional[Tuple[f
     return (below[-1]["eps"], below[-1]["robust_acc"]) if below else None
 
 
-def minimum_norm_below_fixed_budget(attacks: Dict[str, Dict[str, Any]]) -> Optional[Check]:
-    """None unless FMN and a fixed-budget attack of the same norm both ran."""
+def _positions(name: str, entry: Dict[str, Any], n: Optional[int]) -> Optional[Tuple[int, int]]:
+    """The evaluated points [start, end) an entry covers: FMN's `points`, AutoAttack's first `points`, else all n
+    (None: not known)."""
+    points = entry.get("points")
+    if isinstance(points, (list, tuple)):
+        return int(points[0]), int(points[1])
+    if name == "autoattack" and points is not None:
+        return 0, int(points)
+    return None if n is None else (0, n)
+
+
+def _gap_threshold(fmn: Dict[str, Any], name: str, entry: Dict[str, Any], n: Optional[int]) -> Tuple[float, int]:
+    """The gap (percentage points) that flags, and the smaller point count when the two covered different points
+    (0 when they covered the same ones, or it is not known): MIN_NORM_GAP_PP, or MIN_NORM_GAP_SE standard errors of
+    the fixed-budget attack's accuracy on the smaller count if that is larger."""
+    mine, theirs = _positions("fmn", fmn, n), _positions(name, entry, n)
+    if mine is None or theirs is None or mine == theirs:  # the same points, or not known to differ
+        return MIN_NORM_GAP_PP, 0
+    smaller = max(min(mine[1] - mine[0], theirs[1] - theirs[0]), 1)
+    return max(MIN_NORM_GAP_PP, MIN_NORM_GAP_SE * stderr(entry["robust_acc"], smaller)), smaller
+
+
+def minimum_norm_below_fixed_budget(attacks: Dict[str, Dict[str, Any]], n: Optional[int] = None) -> Optional[Check]:
+    """None unless FMN and a fixed-budget attack of the same norm both ran. `n`: the points the suite evaluated."""
     fmn = attacks.get("fmn")
     others = {name: e for name, e in attacks.items() if name in FIXED_BUDGET_ATTACKS and fmn is not None
               and e.get("norm") == fmn.get("norm")}
@@ -109,7 +136,8 @@ def minimum_norm_below_fixed_budget(attacks: Dict[str, Dict[str, Any]]) -> Optio
         return None
     grid_eps, fmn_acc = point
     gap = entry["robust_acc"] - fmn_acc
-    flagged = gap > MIN_NORM_GAP_PP
+    threshold, smaller = _gap_threshold(fmn, name, entry, n)
+    flagged = gap > threshold
     failures = fmn.get("failures", 0) if fmn.get("counting") == "failures_zero" else 0
     detail = (f"FMN's robust accuracy at eps {grid_eps:g} is {fmn_acc:.2f}%, {gap:.2f} points below {name}'s "
               f"{entry['robust_acc']:.2f}% at eps {entry['eps']:g}: the fixed-budget attacks miss adversarial points "
@@ -117,14 +145,17 @@ def minimum_norm_below_fixed_budget(attacks: Dict[str, Dict[str, Any]]) -> Optio
               f"FMN {fmn_acc:.2f}% vs {name} {entry['robust_acc']:.2f}% at eps {entry['eps']:g}")
     if flagged and failures:
         detail += f"; {failures} FMN failures count as broken under this preset"
+    if smaller:
+        detail += f" (on different points: threshold {threshold:.2f} points, {MIN_NORM_GAP_SE:g} standard errors " \
+                  f"of {smaller})"
     return _check(flagged, detail, fmn_robust_acc=fmn_acc, fmn_eps=grid_eps, attack=name,
-                  attack_robust_acc=entry["robust_acc"], gap=gap)
+                  attack_robust_acc=entry["robust_acc"], gap=gap, threshold=threshold, same_points=not smaller)
 
 
 def gradient_masking_report(model: nn.Module, make_batches: Callable[[], Iterable[Tuple[torch.Tensor, torch.Tensor]]],
-                            attacks: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """Every check that applies (the model checks on the first batch, the others from the attacks' entries);
-    flagged ones are logged as warnings."""
+                            attacks: Dict[str, Dict[str, Any]], n: Optional[int] = None) -> Dict[str, Any]:
+    """Every check that applies (the model checks on the first batch, the others from the attacks' entries of the
+    suite's `n` points); flagged ones are logged as warnings."""
     checks: Dict[str, Check] = {}
     first = next(iter(make_batches()), None)
     if first is not None:
@@ -135,7 +166,7 @@ def gradient_masking_report(model: nn.Module, make_batches: Callable[[], Iterabl
                 checks["probability_output"] = probability_output(model(x))
             checks["zero_gradients"] = zero_gradients(model, x, y)
     for name, check in (("square_after_white_box", square_after_white_box(attacks)),
-                        ("minimum_norm_below_fixed_budget", minimum_norm_below_fixed_budget(attacks))):
+                        ("minimum_norm_below_fixed_budget", minimum_norm_below_fixed_budget(attacks, n))):
         if check is not None:
             checks[name] = check
     flagged = [name for name, check in checks.items() if check["flagged"]]

@@ -149,7 +149,7 @@ def run_suite(model: nn.Module, make_batches: Callable[[], Batches], attacks: Se
                                        options_of(step, options))
             log.info("%s: robust accuracy %.2f%% (%.1fs)", step, results[step]["robust_acc"], results[step]["seconds"])
         step = GRADIENT_MASKING
-        out[GRADIENT_MASKING] = gradient_masking_report(model, make_batches, results)
+        out[GRADIENT_MASKING] = gradient_masking_report(model, make_batches, results, n)
         if epsilons:
             step = SECURITY_CURVE
             out[SECURITY_CURVE] = security_curve(model, make_batches, settings, clean, epsilons, curve_steps,
