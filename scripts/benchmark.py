@@ -17,7 +17,10 @@ Configurations (the same batch for all of them: uniform random images, or real t
   pgd10_harp_prune     the same copy masked as in harp_prune: W frozen, scores + rates trainable,
                        BN trainable, gamma * hardware loss on, PGD-10 AT
   finetune_train       the masked copy with frozen masks (finetune mode), weights trainable, natural
+  fast_at              the plain model, --trainer fast (Fast-AT: one random-start FGSM step, then the update)
   forward_plain        eval forward of the plain model (fp32, no grad, as test.py evaluates)
+  pgd10_eval           test.py's PGD-10 on the plain model in eval mode (no update): a tenth of it is one attack
+                       step per image, the unit scripts/reproduction/estimate.py prices attacks in
   forward_dense_export eval forward of a fresh plain model loaded with dense_state_dict(masked model)
 
 Hydra's certified objectives, when the bounds can walk the model (a plain Sequential such as cifar_model), on the
@@ -82,6 +85,7 @@ from pruning.graph import inspect_layers  # noqa: E402
 from pruning.trainable import set_trainable  # noqa: E402
 from pruning.wrap import RATE_KEY, SCORE_KEY, dense_state_dict  # noqa: E402
 from stage import Source, build_model, build_stage, make_optimizer  # noqa: E402
+from trainers.attacks.pgd import pgd  # noqa: E402
 from trainers.attacks.threat import ThreatModel  # noqa: E402
 from trainers.certify.bounds import CROWN_IBP, IBP, SYMBOLIC, bound_steps, verified, worst_case_loss  # noqa: E402
 from trainers.certify.smoothing import sample_counts  # noqa: E402
@@ -232,6 +236,9 @@ def build(arch: str, dataset: str, batch_size: int, device: torch.device, *, bf1
         "finetune_train": _train_step(finetune_parts.loop, finetune_t, finetune_parts.optimizer, batch, device,
                                       attack_model=finetune_a, **flags),
     }
+    fast = TRAINERS.get("fast")(replace(configs["pretrain"], trainer="fast"), threat, device)
+    train_steps["fast_at"] = _train_step(fast, plain_t, pretrain.parts.optimizer, batch, device, attack_model=plain_a,
+                                         **flags)
     if frozen_params:  # a model without norm layers has nothing to train under frozen weights: no R2
         train_steps["pgd10_plain_frozen_w"] = _train_step(
             pretrain.parts.loop, frozen_t, make_optimizer(configs["pretrain"], frozen_params), batch, device,
@@ -377,7 +384,9 @@ def run(arch: str = "vgg16_bn", dataset: str = "CIFAR10", batch_size: int = 32, 
     x = built["batch"][0].contiguous(memory_format=built["memory_format"])
     with torch.no_grad():
         max_abs_diff = float((masked(x) - export(x)).abs().max())
-    forward_samples = interleaved({"forward_plain": _forward(plain, x), "forward_dense_export": _forward(export, x)},
+    y = built["batch"][1]
+    forward_samples = interleaved({"forward_plain": _forward(plain, x), "forward_dense_export": _forward(export, x),
+                                   "pgd10_eval": lambda: pgd(plain, x, y, threat)},
                                   warmup=warmup, repeats=forward_repeats or 3 * steps, device=dev)
 
     samples = {**train_samples, **forward_samples}

@@ -11,6 +11,8 @@ harp_* -> HARP), the granularity from --prune_reg (weight, channel), and a row o
 settings (labelled by the settings that differ). Columns: architecture x sparsity, the sparsity being
 100 * (1 - global_keep) of the evaluated model (exact kept counts from the result JSON), rounded to one decimal
 ("99", "99.9"). Cells: "natural / robust" accuracy in percent with two decimals; "–" where there is no result;
+a model that ended more than 10 % (relative) away from its --k target (the result's `budget` record) is marked
+"[off target: kept 0.253 % vs 1 %]" (FLOPs for channel pruning; the CSV counts such runs in `off_target_runs`);
 replicates (runs that differ only in --seed or --exp-name) as mean ± std with their number n. How results are
 chosen and grouped: scripts/results.py. The dense model has no sparsity of its own: its cell is repeated under
 every sparsity of its architecture. SVHN cells are balanced accuracy (the paper reports BACC for SVHN) unless
@@ -77,6 +79,8 @@ def cell_text(cell: Cell, show_sparsity: bool = False, value: str = "robust_acc"
     text = f"{_number(cell.natural, cell.natural_std)} / {_number(cell.robust, cell.robust_std, spec)}"
     if cell.n > 1:
         text += f" (n={cell.n})"
+    if cell.off_target:  # never a model far from its --k in that k's column without saying so
+        text += f" [{cell.off_target_note}]"
     return text if not show_sparsity else f"{text} ({cell.measured_sparsity:.2f}% sparse)"
 
 
@@ -136,7 +140,7 @@ def to_markdown(tables: List[Table], attack: str, preset: str, metric: str, show
 
 
 CSV_COLUMNS = ("dataset", "method", "variant", "granularity", "arch", "sparsity", "natural", "natural_std", "robust",
-               "robust_std", "n", "measured_sparsity", "attack", "clash")
+               "robust_std", "n", "measured_sparsity", "attack", "clash", "off_target_runs")
 
 
 def to_csv(tables: List[Table], attack: str, preset: str, metric: str, show_sparsity: bool = False) -> str:
@@ -154,7 +158,8 @@ def to_csv(tables: List[Table], attack: str, preset: str, metric: str, show_spar
                        round(cell.measured_sparsity, 6)]
             writer.writerow([table.dataset, cell.method, cell.variant, cell.granularity, cell.arch]
                             + ["" if v is None else v for v in numbers]
-                            + [attack if table.value == "robust_acc" else f"{attack} {table.value}", int(cell.clash)])
+                            + [attack if table.value == "robust_acc" else f"{attack} {table.value}", int(cell.clash),
+                               len(cell.off_target)])
     return buffer.getvalue()
 
 

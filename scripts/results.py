@@ -50,6 +50,7 @@ class Result:
     settings: Tuple            # what makes two runs comparable
     exp_name: str
     seed: Optional[int]
+    budget: Optional[Dict] = None   # the model's budget record (pruning.budget.budget_record), None if unpruned
 
     @property
     def dataset(self) -> str:
@@ -76,6 +77,17 @@ class Cell:
     measured_sparsity: float = 0.0
     paths: List[str] = field(default_factory=list)
     clash: bool = False        # two results of one checkpoint disagree: no number is picked
+    off_target: List[Dict] = field(default_factory=list)  # budget records of the runs that missed their target
+
+    @property
+    def off_target_note(self) -> str:
+        """'' when every run landed within TARGET_TOLERANCE of its target, else what they reached against it."""
+        if not self.off_target:
+            return ""
+        what = "kept" if self.off_target[0]["measure"] == "keep" else "FLOPs"
+        reached = ", ".join(f"{100 * b['reached']:.3g}" for b in self.off_target)
+        runs = f" in {len(self.off_target)} of {self.n} runs" if self.n > 1 else ""
+        return f"off target{runs}: {what} {reached} % vs {100 * self.off_target[0]['target']:.3g} %"
 
     @property
     def row(self) -> Tuple[str, str, str]:
@@ -166,7 +178,7 @@ def read_result(path: str, data: Dict, attack: str, balanced: bool) -> Result:
     return Result(path, data, method, final, "" if dense else data.get("prune_reg", "weight"),
                   0.0 if dense else sparsity_percent(data), 100.0 * (1.0 - float(data["sparsity"]["global_keep"])),
                   natural, robust, _run_of(path, data), (_checkpoint_rank(data, path), int(data.get("n_examples") or 0)),
-                  _settings(data), str(config.get("exp_name") or ""), config.get("seed"))
+                  _settings(data), str(config.get("exp_name") or ""), config.get("seed"), data.get("budget"))
 
 
 def _one_per_checkpoint(results: Iterable[Result]) -> Tuple[List[Result], Dict[int, List[str]]]:
@@ -240,8 +252,10 @@ def collect_cells(results: Iterable[Tuple[str, Dict]], attack: str = "autoattack
             robust, robust_std = _mean_std([r.robust for r in group])
             measured = statistics.fmean(r.measured_sparsity for r in group)
             clashing = [p for r in group for p in clashes.get(id(r), [])]
+            missed = [r.budget for r in group if r.budget is not None and not r.budget["on_target"]]
             cells.append(Cell(ds, method, labels[key], granularity, arch, sparsity, natural, robust, natural_std,
-                              robust_std, len(group), measured, clashing or [r.path for r in group], bool(clashing)))
+                              robust_std, len(group), measured, clashing or [r.path for r in group], bool(clashing),
+                              missed))
     return cells
 
 

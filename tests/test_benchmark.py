@@ -15,8 +15,8 @@ from tests.conftest import load_entry_point
 KEYS = {"R1", "R2", "R3", "R4", "R4_max_abs_diff", "images_per_s", "seconds", "samples", "device", "device_name",
         "torch", "bf16", "channels_last", "batch_size", "arch", "dataset", "input_shape", "forward_gflop_per_image",
         "threads", "within_thresholds"}
-CONFIGS = {"plain_train", "pgd10_at", "pgd10_plain_frozen_w", "pgd10_harp_prune", "finetune_train", "forward_plain",
-           "forward_dense_export"}
+CONFIGS = {"plain_train", "pgd10_at", "pgd10_plain_frozen_w", "pgd10_harp_prune", "finetune_train", "fast_at",
+           "forward_plain", "forward_dense_export", "pgd10_eval"}
 CERTIFIED = {"smooth_train", "crown_ibp_train", "ibp_train", "sym_train", "ibp_verify", "sym_verify",
              "crown_ibp_verify", "certify_draws"}
 
@@ -31,7 +31,8 @@ def test_run_reports_every_ratio_and_an_exact_export():
     result = benchmark.run("small_cnn", "CIFAR10", 4, "cpu", warmup=2, steps=2)
     assert KEYS <= set(result)
     assert set(result["seconds"]) == set(result["images_per_s"]) == set(result["samples"]) == CONFIGS
-    assert all(len(v) == 2 for k, v in result["samples"].items() if not k.startswith("forward"))
+    assert all(len(v) == 2 for k, v in result["samples"].items() if k not in ("forward_plain", "forward_dense_export",
+                                                                              "pgd10_eval"))
     assert result["R4_max_abs_diff"] == 0.0
     assert result["input_shape"] == [3, 32, 32] and result["batch_size"] == 4 and result["device"] == "cpu"
     for name in ("R1", "R2", "R3", "R4"):

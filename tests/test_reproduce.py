@@ -567,9 +567,22 @@ def test_estimate_follows_the_documented_formula(tmp_path):
     assert estimate.stage_cost(pretrain, benches).hours * 3600 == pytest.approx(
         startup + 2 * 1437 / 100 + 2 * 360 * 0.0094)
     # 360 test images x (natural 1 + PGD-10 21 forward-equivalents) x 1/5000 s, AutoAttack on the first 100 only
-    autoattack = estimate.attack_cost("autoattack")
+    # (without pgd10_eval in the benchmark an attack step is 2 forwards)
+    autoattack = 1 + 2 * estimate.attack_steps("autoattack")
     assert estimate.stage_cost(test, benches).hours * 3600 == pytest.approx(
         startup + 360 * 22 / 5000 + 100 * autoattack / 5000)
+    # With them measured: a tenth of pgd10_eval per attack step, and Fast-AT's own step
+    rates = {"plain_train": 1000.0, "pgd10_at": 100.0, "pgd10_harp_prune": 80.0, "forward_plain": 5000.0,
+             "pgd10_eval": 200.0, "fast_at": 400.0}
+    bench.write_text(json.dumps({"arch": "small_cnn", "input_shape": [1, 8, 8], "device": "cpu",
+                                 "images_per_s": rates, "R3": 1.0}))
+    measured = [estimate.load_bench(str(bench))]
+    assert estimate.stage_cost(test, measured).hours * 3600 == pytest.approx(
+        startup + 360 * (2 / 5000 + 10 / 2000) + 100 * (1 / 5000 + estimate.attack_steps("autoattack") / 2000))
+    fast = graph_of(write_plan(tmp_path, objectives=["fast"], methods=["dense"], flags={"pretrain": {"epochs": 2}}))
+    fast_pretrain = next(s for s in fast.stages.values() if s.kind == "train")
+    assert estimate.stage_cost(fast_pretrain, measured).hours * 3600 == pytest.approx(
+        startup + 2 * 1437 / 400 + 2 * 360 * (1 / 100 - 1 / 1000 + 2 / 5000))
     lines = estimate.report(graph, benches)
     assert any("device hours" in line for line in lines)
     missing = estimate.report(graph, [])
@@ -588,10 +601,12 @@ def test_estimate_prices_the_ap_preset_as_it_runs(tmp_path):
                                                   "forward_plain": 5000.0}, "R3": 1.0}))
     benches = [estimate.load_bench(str(bench))]
     tests = [s for s in graph_of(path).stages.values() if s.kind == "test"]
+    # (no pgd10_eval in the benchmark: an attack step costs two forwards)
     fmn = 32 * 64 * (1 + 2 * 100) + 128 * (1 + 2 * 200)
-    expected = estimate.STARTUP_SECONDS + (10_000 * (1 + estimate.attack_cost("autoattack")) + fmn) / 5000
+    autoattack = 1 + 2 * estimate.attack_steps("autoattack")
+    expected = estimate.STARTUP_SECONDS + (10_000 * (1 + autoattack) + fmn) / 5000
     assert [estimate.stage_cost(s, benches).hours * 3600 for s in tests] == pytest.approx([expected, expected])
-    assert estimate.fmn_forwards(tests[0].cfg, 10_000) == fmn
+    assert estimate.fmn_work(tests[0].cfg, 10_000) == (32 * 64 + 128, 32 * 64 * 100 + 128 * 200)
 
 
 def test_estimate_of_the_certified_objectives_follows_the_documented_formula(tmp_path):

@@ -1,5 +1,6 @@
 """scripts/make_tables.py and scripts/plots.py on a synthetic tree of test.py result JSONs."""
 import csv
+import io
 import json
 import os
 
@@ -215,3 +216,22 @@ def test_missing_curve_hint_is_on_the_results_own_scale(tmp_path, capsys):
     path = write(str(tmp_path), "r.json", dict(result("small_cnn", "pretrain", 1.0, 99.0, 90.0), epsilon=0.1))
     assert plots.main(["security-curve", path, "-o", str(tmp_path / "c.png")]) == 2
     assert "--epsilons 0.025,0.05,0.1,0.2" in capsys.readouterr().err
+
+
+def test_a_model_far_from_its_target_is_marked_in_its_cell_and_counted_in_the_csv(tmp_path):
+    from pruning.budget import budget_record
+    root = str(tmp_path)
+    # Two seeds of HARP asked for k 0.01: one landed on it, one at 0.25 % (4x sparser than asked).
+    for name, seed, reached in (("s1", 1, 0.0100), ("s2", 2, 0.0025)):
+        run = os.path.join(root, name, "harp_finetune")
+        data = run_result("small_cnn", "harp_finetune", 0.01, 90.0, 80.0, run=run, exp_name=name, seed=seed)
+        data["budget"] = budget_record("weight", 0.01, reached)
+        write(root, f"{name}/harp_finetune/eval/model_best_standard.json", data)
+    text = make_tables.make_tables([root])
+    assert "(n=2) [off target in 1 of 2 runs: kept 0.25 % vs 1 %] |" in text
+    rows = list(csv.DictReader(io.StringIO(make_tables.make_tables([root], fmt="csv"))))
+    assert [row["off_target_runs"] for row in rows] == ["1"]
+    # On target (within 10 %): no mark.
+    data["budget"] = budget_record("weight", 0.01, 0.0095)
+    write(root, "s2/harp_finetune/eval/model_best_standard.json", data)
+    assert "off target" not in make_tables.make_tables([root])

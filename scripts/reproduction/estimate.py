@@ -6,8 +6,8 @@ step (s_at), a harp_prune PGD-10 step (s_prune), a finetune step relative to a p
 (s_fwd); for a model the bounds can walk also Hydra's certified objectives (s_smooth, s_crown, s_ibp, the symbolic
 robust loss per point s_sym, per image the verification of each bound, s_verify[b], and one certify draw, s_draw),
 measured on a random model at the benchmark's --epsilon on its images (real test images with --data-dir): the
-bounds' cost grows with the unstable ReLUs, so this overestimates a model trained to be verifiable. AutoAttack's cost model is AutoAttack's per-component query counts, with the clean and robust
-fractions assumed at 0.8 and 0.48 (adversarially trained CIFAR models); it is the least certain term. Stages shared
+bounds' cost grows with the unstable ReLUs, so this overestimates a model trained to be verifiable. AutoAttack's cost model is AutoAttack's per-component iteration counts, priced in attack steps, with the clean and
+robust fractions assumed at 0.8 and 0.48 (adversarially trained CIFAR models); it is the least certain term. Stages shared
 by several cells count once. The result is in hours of the benchmark's device (GPU hours when it ran on CUDA), one
 stage at a time on one device.
 """
@@ -33,7 +33,7 @@ FORMULA = """\
 With N training images (the split's size x --data-fraction), M validation images, E epochs (+ warm-up), K attack
 steps (--num-steps) and seconds per image s_* from the benchmark:
   adversarial step  s_adv(K) = s_plain + K/10 (s_at - s_plain)
-  pretrain          E N s_adv(K)                   (--trainer fast: 2 s_plain; freeadv, base: below)
+  pretrain          E N s_adv(K)                   (--trainer fast: s_fast, else 2 s_plain; freeadv, base: below)
   prune             E N s_adv(K) s_prune/s_at      (masked layers learning scores and rates)
   finetune          E N s_adv(K) R3                (frozen masks)
   Free-AT           E N m s_plain                  (m = --n-repeats; x s_prune/s_at when pruning, x R3 finetuning)
@@ -44,42 +44,47 @@ steps (--num-steps) and seconds per image s_* from the benchmark:
   validation        V M (s_adv(K) - s_plain + 2 s_fwd)   (V validated epochs; M s_fwd with --val-method base;
                     smooth 11 s_fwd; ibp / sym: s_verify[b] + s_fwd)
   every stage       + 4 s of start-up (interpreter, imports, data, model)
-  test              n (s_fwd sum_a F_a + sum_b s_verify[b])   (n test images; F_a forward-equivalents per image of
-                    attack a: natural 1, fgsm 3, pgdK 1+2K, cw 41, apgd 501, autoattack 1 + 200 p_clean + 9500
-                    p_robust, certify N0 + 2N, or (N0 + 2N) s_draw / s_fwd when benchmarked; b the bounds ibp,
-                    sym, crown-ibp; AutoAttack on min(n, --autoattack-points) images)
-                    + s_fwd (T P_t (1 + 2 S_t) + P (1 + 2 S))   (fmn: T tuning trials of S_t steps on P_t tuning
-                    points, then S steps on its P attacked points; a step is a forward and a backward)
+  test              n sum_a (s_fwd + S_a s_step) + n sum_b s_verify[b]   (n test images; s_step one attack step,
+                    pgd10_eval / 10 (2 s_fwd without it); S_a the steps per image of attack a: natural 0, fgsm 1,
+                    pgdK K, cw 20, apgd 250, autoattack p_clean 100 a + p_robust (900 a + 900 f + 5000 q) with
+                    a, f, q = 1.2, 4.0, 0.73 steps per APGD, FAB and Square iteration (measured on the CPU);
+                    certify (N0 + 2N) s_draw (s_fwd without it); b the bounds ibp, sym, crown-ibp; AutoAttack
+                    on min(n, --autoattack-points) images)
+                    + T P_t (s_fwd + S_t s_step) + P (s_fwd + S s_step)   (fmn: T tuning trials of S_t steps on
+                    P_t tuning points, then S steps on its P attacked points)
   --attack-preset ap  `all` is natural, autoattack and fmn; n = min(test set, --n-examples, 10,000); FMN tunes 32
                     trials of 100 steps on 64 points and attacks 128 points for 200 steps"""
 # AutoAttack's survivors (see the module docstring): clean-correct and robust fractions.
 AA_CLEAN, AA_ROBUST = 0.8, 0.48
+# AutoAttack's components per point and iteration, in attack steps (PGD's), as measured by test.py on the 2-core
+# CPU (MNIST, cifar_model, 200 points: APGD-T 7.7e-5 s, FAB-T 2.6e-4 s, Square 4.7e-5 s against PGD-50's 6.4e-5 s
+# per point and step). Square's query is a forward, but its per-query bookkeeping costs as much again on small
+# batches of survivors. The least certain term of the model, together with AA_ROBUST.
+AA_STEP_COST = {"apgd": 1.2, "fab": 4.0, "square": 0.73}
 # Seconds every stage spends before its first step: the interpreter, torch and the toolkit imported, the data
 # loaded, the model built (about 4 s per train.py / test.py process on the 2-core CPU, digits or MNIST).
 STARTUP_SECONDS = 4.0
 
 
-def attack_cost(name: str, preset: str = "standard", certify_draws: int = 0) -> Optional[float]:
-    """Forward-equivalents per test image of one test.py attack (a backward to the input counts as one forward),
-    None for an attack this model does not know (the bounds: their seconds are measured, s_verify).
-    certify_draws: N0 + 2N of --attacks certify."""
+def attack_steps(name: str, preset: str = "standard") -> Optional[float]:
+    """Attack steps per test image of one test.py attack, besides its clean forward (a step: a forward and a
+    backward to the input, s_step); None for what this model does not price in steps (certify, the bounds)."""
     pgd = {"pgd10": 10, "pgd20": 20, "pgd50": 50}
     if name == "natural":
-        return 1.0
-    if name == "certify":
-        return float(certify_draws)
+        return 0.0
     if name == "fgsm":
-        return 3.0
+        return 1.0
     if name in pgd:
-        return 1.0 + 2.0 * pgd[name]
+        return float(pgd[name])
     if name == "cw":
-        return 1.0 + 2.0 * 20
+        return 20.0
     if name == "apgd":
-        return 1.0 + 5 * 50 * 2.0
+        return 5 * 50.0
     if name == "autoattack":
         iterations = 10 if preset == "original" else 100
-        survivors = 9 * iterations * 2.0 + 9 * iterations * 3.0 + 5000.0  # APGD-T + FAB-T + Square
-        return 1.0 + AA_CLEAN * 2.0 * iterations + AA_ROBUST * survivors
+        apgd, fab, square = AA_STEP_COST["apgd"], AA_STEP_COST["fab"], AA_STEP_COST["square"]
+        survivors = 9 * iterations * apgd + 9 * iterations * fab + 5000 * square  # APGD-T + FAB-T + Square
+        return AA_CLEAN * iterations * apgd + AA_ROBUST * survivors
     return None
 
 
@@ -102,11 +107,18 @@ class Bench:
     s_sym: Optional[float] = None
     s_verify: Optional[Dict[str, float]] = None   # bound name -> seconds per verified image
     s_draw: Optional[float] = None                # one noisy copy classified and counted by certify
+    s_fast: Optional[float] = None                # a Fast-AT training step (else 2 s_plain)
+    s_step: Optional[float] = None                # one attack step of test.py (a tenth of pgd10_eval; else 2 s_fwd)
+
+    @property
+    def attack_step(self) -> float:
+        return self.s_step if self.s_step is not None else 2 * self.s_fwd
 
 
 # The benchmark's certified configurations behind the Bench fields, and those of the bounds' verification.
 CERTIFIED_FIELDS = {"s_smooth": "smooth_train", "s_crown": "crown_ibp_train", "s_ibp": "ibp_train",
-                    "s_sym": "sym_train", "s_draw": "certify_draws"}
+                    "s_sym": "sym_train", "s_draw": "certify_draws", "s_fast": "fast_at"}
+ATTACK_STEPS_OF_PGD10_EVAL = 10
 VERIFY_CONFIGS = {"ibp": "ibp_verify", "sym": "sym_verify", "crown-ibp": "crown_ibp_verify"}
 
 
@@ -117,6 +129,8 @@ def load_bench(path: str) -> Bench:
         rate = data["images_per_s"]
         certified = {field: 1 / rate[config] for field, config in CERTIFIED_FIELDS.items() if config in rate}
         verify = {bound: 1 / rate[config] for bound, config in VERIFY_CONFIGS.items() if config in rate}
+        if "pgd10_eval" in rate:
+            certified["s_step"] = 1 / rate["pgd10_eval"] / ATTACK_STEPS_OF_PGD10_EVAL
         return Bench(path, data["arch"], tuple(data["input_shape"]),
                      f"{data.get('device_name', data['device'])} ({data['device']})", 1 / rate["plain_train"],
                      1 / rate["pgd10_at"], 1 / rate["pgd10_harp_prune"], float(data["R3"]), 1 / rate["forward_plain"],
@@ -184,15 +198,16 @@ def _test_cost(stage: Stage, benches: Sequence[Bench], n_test: int) -> StageCost
 def _attack_seconds(name: str, cfg, bench: Bench, n: int) -> Optional[float]:
     """Seconds of one attack or bound over the n evaluated points (AutoAttack on its first --autoattack-points)."""
     if name == FMN:
-        return fmn_forwards(cfg, n) * bench.s_fwd
+        forwards, steps = fmn_work(cfg, n)
+        return forwards * bench.s_fwd + steps * bench.attack_step
     per_image = _test_seconds(name, cfg, bench)
     points = min(n, cfg.autoattack_points or n) if name == "autoattack" else n
     return None if per_image is None else points * per_image
 
 
-def fmn_forwards(cfg, n: int) -> float:
-    """Forward-equivalents of FMN on n evaluated points: its tuning (trials x tuning points x steps) and its attack
-    (attacked points x steps), a forward and a backward per step; under the AP preset the benchmark's HO-FMN
+def fmn_work(cfg, n: int) -> Tuple[float, float]:
+    """(clean forwards, attack steps) of FMN on n evaluated points, both counted per point: its tuning (trials x
+    tuning points x steps) and its attack (attacked points x steps); under the AP preset the benchmark's HO-FMN
     (minimum_norm.ap_fmn_plan), else --fmn-tune trials of --fmn-steps on --fmn-tune-points, then every point."""
     if cfg.attack_preset == AP_PRESET:
         plan = ap_fmn_plan(FMNOptions(tune=cfg.fmn_tune), n)
@@ -201,18 +216,18 @@ def fmn_forwards(cfg, n: int) -> float:
     else:
         trials, tune_steps, steps = cfg.fmn_tune, cfg.fmn_steps, cfg.fmn_steps
         tune_points, attacked = cfg.fmn_tune_points, n
-    return trials * tune_points * (1.0 + 2.0 * tune_steps) + attacked * (1.0 + 2.0 * steps)
+    return trials * tune_points + attacked, trials * tune_points * tune_steps + attacked * steps
 
 
 def _test_seconds(name: str, cfg, bench: Bench) -> Optional[float]:
     """Seconds per test image of one per-image attack or bound."""
     if name in BOUNDS:
         return (bench.s_verify or {}).get(name)
-    draws = cfg.certify_n0 + 2 * cfg.certify_n
-    if name == "certify" and bench.s_draw is not None:
-        return draws * bench.s_draw
-    cost = attack_cost(name, cfg.attack_preset, certify_draws=draws)
-    return None if cost is None else cost * bench.s_fwd
+    if name == "certify":
+        draws = cfg.certify_n0 + 2 * cfg.certify_n
+        return draws * (bench.s_draw if bench.s_draw is not None else bench.s_fwd)
+    steps = attack_steps(name, cfg.attack_preset)
+    return None if steps is None else bench.s_fwd + steps * bench.attack_step
 
 
 def _validation_seconds(cfg, bench: Bench) -> Optional[float]:
@@ -240,7 +255,7 @@ def _train_step_seconds(stage: Stage, bench: Bench) -> Optional[float]:
     if cfg.trainer == "freeadv":
         return cfg.n_repeats * bench.s_plain * masks
     if cfg.trainer == "fast":
-        return 2 * bench.s_plain * masks
+        return (bench.s_fast if bench.s_fast is not None else 2 * bench.s_plain) * masks
     if cfg.trainer == "base" or cfg.adv_loss == "nat":
         return bench.s_plain * masks
     if cfg.trainer == "adv":

@@ -12,7 +12,8 @@ A result is one JSON object (format RESULT_FORMAT_VERSION):
     natural_acc, natural_stderr, [natural_balanced_acc]
     attacks                             {name: entry} (trainers/evaluation/scoring.result_entry and each attack)
     [security_curve], gradient_masking, [protocol] (the AP preset: ap_protocol.protocol_record)
-    sparsity, seconds, natural_seconds, batch_size, autoattack_batch_size, device, date, versions
+    sparsity, budget (pruned: pruning.budget.budget_record from the checkpoint, else None)
+    seconds, natural_seconds, batch_size, autoattack_batch_size, device, date, versions
     config, train_config                the evaluation's config and the one the model was trained with
 
 An incomplete result is resumed by a rerun with the same settings: `finished_entries` hands its entries back to
