@@ -434,7 +434,7 @@ def _stage(graph: Graph, choices, kind: str, mode: str, point: GridPoint, granul
             preset_attacks(cfg.attacks, cfg.attack_preset)
             parse_epsilons(cfg.epsilons)
         except UserError as err:
-            raise UserError(f"plan {plan.path}: test stage {label}: {err}") from None
+            raise UserError(f"plan {plan.path}, flags for test: {err}") from None
         checkpoint = checkpoint_path(directory, cfg.checkpoint)
         result = result_path(checkpoint, cfg.attack_preset)
         result = result if os.path.isabs(directory) else os.path.relpath(result)  # as the run directory is given

@@ -163,7 +163,7 @@ def parse_attacks(text: str) -> List[str]:
         names = suite_names() + [n for n in names if n != "all"]
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise UserError(f"unknown attack {unknown[0]!r} in --attacks (python test.py --attacks {HELP} lists them)")
+        raise UserError(f"unknown attack {unknown[0]!r}; choose from: all, {', '.join(known)} (or {HELP})")
     return [n for n in known if n in names]
 
 
