@@ -23,7 +23,7 @@ from configs.errors import UserError
 from stage import option_choices
 from tests.conftest import ROOT, load_entry_point
 from tests.docs_pages import DOC_FILES, code_blocks
-from trainers.evaluation.registry import parse_attacks
+from trainers.evaluation.registry import parse_attacks, wants_help
 
 ENTRY_POINTS = {"train.py": "train", "test.py": "test"}  # entry point -> its config scope
 WRAPPERS = {"scripts/slurm_harp.sbatch": "train.py"}     # passes every argument to train.py
@@ -130,7 +130,7 @@ def parse(script: str, argv: Sequence[str]) -> None:
     script = WRAPPERS.get(script, script)
     if script in ENTRY_POINTS:
         cfg, _ = resolve_config(list(argv), ENTRY_POINTS[script], script, choices=option_choices())
-        if script == "test.py":
+        if script == "test.py" and not wants_help(cfg.attacks):  # test.py answers --attacks help before parsing
             parse_attacks(cfg.attacks)
         return
     module = script_module(script)

@@ -94,7 +94,7 @@ def test_hydra_and_lwm_with_a_strategy_file(root):
     ("{dir}/missing.yaml:mine", "strategy file {dir}/missing.yaml does not exist"),
     ("{dir}/stg.yaml:nope", "has no small_cnn weight strategy 'nope'; it has flat, mine"),
     ("{dir}/stg.yaml", "holds 2 small_cnn weight strategies; choose one with --stg_id"),
-    ("010_foo", "or a strategy file FILE.yaml|.json:ID"),
+    ("010_foo", "or FILE.yaml:ID"),
 ])
 def test_bad_strategy_arguments_are_one_line_errors(root, capsys, value, message):
     capsys.readouterr()
