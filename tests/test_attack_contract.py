@@ -65,9 +65,11 @@ def digits_run(tmp_path_factory):
     toy_attack.install()
     _install_flaky()
     run = os.path.join(root, "small_cnn", "digits", "nat", "pretrain")
-    return {"flags": common + ["--exp-mode", "pretrain", "--n-examples", "60"],
-            "result": os.path.join(run, "eval", "model_best_standard.json"),
-            "checkpoint": os.path.join(run, "checkpoint", "model_best.pth.tar")}
+    yield {"flags": common + ["--exp-mode", "pretrain", "--n-examples", "60"],
+           "result": os.path.join(run, "eval", "model_best_standard.json"),
+           "checkpoint": os.path.join(run, "checkpoint", "model_best.pth.tar")}
+    for name in (toy_attack.NAME, FLAKY):  # the toy attacks stay this module's: other tests see the shipped registry
+        ATTACKS.remove(name)
 
 
 @pytest.fixture

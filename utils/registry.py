@@ -20,6 +20,10 @@ class Registry:
         self._entries[name] = entry
         return entry
 
+    def remove(self, name: str) -> None:
+        """Take an entry out again (tests that register a toy entry for their module only)."""
+        self._entries.pop(name, None)
+
     def register(self, name: str) -> Callable[[Callable], Callable]:
         return lambda fn: self.add(name, fn)
 
