@@ -78,8 +78,8 @@ class Config:
     gamma: float = opt(1.0, "initial weight gamma0 of the hardware loss", "pruning", check=_non_negative, check_text=">= 0")
     gamma_dynamic: bool = opt(True, "grow gamma by gamma0 each epoch until the target is reached, then freeze it", "pruning")
     target_floor: bool = opt(True, "hold the learned rates at the target from below: after any step that leaves the soft "
-                             "cost under the target, shift every rate logit by one constant back onto it (--no-target-floor: "
-                             "the original's hinge alone, which can end far below the target)", "pruning", scope="train")
+                             "cost under the target, move the rate logits along the cost's gradient back onto it "
+                             "(--no-target-floor: the original's hinge alone, which can end far below the target)", "pruning")
     soft_hw: Optional[bool] = opt(None, "add the hardware loss (default: on in rate_prune/harp_prune)", "pruning")
     scaled_score_init: Optional[bool] = opt(None, "scores = sqrt(6/fan_in)*W/max|W| (default: on in *_prune modes)", "pruning")
     rate_stg_init: Optional[bool] = opt(None, "rate logits from --stg_id (default: on in rate/harp modes; else uniform at --k)", "pruning")
