@@ -1,6 +1,7 @@
 """Shared test fixtures and helpers."""
 import contextlib
 import importlib.util
+import json
 import os
 
 import pytest
@@ -46,3 +47,9 @@ class InputRecorder(nn.Module):
     def forward(self, x):
         self.rows.append(x.detach().flatten(1).clone())
         return self.model(x)
+
+
+def read_metrics(run_dir):
+    """The per-epoch records of a run's metrics.jsonl."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]

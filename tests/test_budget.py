@@ -1,12 +1,11 @@
 """The prune stage's budget: where the masks stand against the target, the floor that holds the learned rates on
 it (--target-floor), the best-checkpoint rule's tolerance window, and the warning of a run that ends off target."""
-import json
 import os
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, load_entry_point
+from tests.conftest import ROOT, load_entry_point, read_metrics as _metrics
 from models import create_model
 from pruning.budget import TARGET_TOLERANCE, CostModel, GammaSchedule, budget_record, on_target
 from pruning.graph import inspect_layers
@@ -124,11 +123,6 @@ def test_every_dataset_preset_sets_the_prune_stages_gamma():
 
 
 # ------------------------------------------------------------------------------------------ whole runs on digits
-def _metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     root = tmp_path_factory.mktemp("budget")

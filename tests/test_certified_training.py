@@ -21,7 +21,7 @@ from pruning.budget import on_target
 from models import create_model
 from scripts import make_tables
 from stage import build_model, option_choices
-from tests.conftest import load_entry_point, single_thread
+from tests.conftest import load_entry_point, single_thread, read_metrics as metrics
 from trainers.attacks.threat import ThreatModel, threat_from_config
 from trainers.certified_training import CrownIBPLoop, SmoothingLoop
 from trainers.certify.bounds import SYMBOLIC, crown_ibp_loss, crown_ibp_schedule, verification_sums, verified
@@ -51,11 +51,6 @@ PRUNED = ["--k", "0.1", "--stg-id", "010_uni"]  # starts at the target, so the h
 def resolve(*argv, scope="train"):
     """The resolved Config, with digits' 10 classes (train.py fills them in from the data)."""
     return dataclasses.replace(resolve_config(list(argv), scope, "test", choices=option_choices())[0], num_classes=10)
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
 def digit_batches(n=64, batch=32):

@@ -18,7 +18,6 @@
    rank's half of fixed batches, against one process on the whole batches: the parameters agree to float
    rounding.
 """
-import json
 import os
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from trainers.engine import train_one_epoch
 from trainers.objectives import ObjectiveSettings, pgd_at
 from trainers.regularizers import HardwareLoss
 from utils.distributed import DistContext, all_reduce_sums
+from tests.conftest import read_metrics as metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_TRAIN = 1437
@@ -50,11 +50,6 @@ ACC_ATOL = 5.0
 
 
 # ----------------------------------------------------------------------------- 1. train.py under torchrun
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
-
-
 def files_under(directory):
     return sorted(os.path.relpath(os.path.join(base, name), directory)
                   for base, _, names in os.walk(directory) for name in names)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import train
-from tests.conftest import load_entry_point
+from tests.conftest import load_entry_point, read_metrics as metrics
 from tests.fakedata import write_imagenet_folder
 from trainers.free_at import FreePerturbation, train_one_epoch_free
 from utils.checkpoint import load_checkpoint, save_atomic
@@ -193,11 +193,6 @@ def shrink(argv, data_dir, result_dir, training=True):
         argv[argv.index("--epochs") + 1] = "1"
         argv += ["--batch-size", "2"]
     return argv + ["--image-dim", "32", "--data-dir", data_dir, "--result-dir", result_dir]
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
 @pytest.fixture(scope="module")

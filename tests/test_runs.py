@@ -1,6 +1,5 @@
 """train.py as a user runs it: the seed commands, the run layout, resume, refusal to overwrite, bad input."""
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import train
 from tests.fakedata import write_cifar10
 from utils.checkpoint import load_checkpoint
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, read_metrics as metrics
 SEED_PRETRAIN = ["--arch", "vgg16_bn", "--dataset", "CIFAR10", "--exp-mode", "pretrain", "--adv_loss", "pgd", "--epochs", "100"]
 
 
@@ -34,11 +33,6 @@ def snapshot(directory):
             path = os.path.join(base, name)
             out[path] = hashlib.sha256(open(path, "rb").read()).hexdigest()
     return out
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
 def comparable(records):
