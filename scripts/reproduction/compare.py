@@ -12,7 +12,6 @@ architecture, objective, granularity and k (they share the seed's pretrained net
 difference reference - other, its standard deviation, how many seeds the reference wins, and the two-sided paired
 t-test's p-value (scipy.stats.ttest_rel; with 3 seeds it needs a consistent gap to fall under 0.05).
 """
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from scripts.reproduction.plan import Cell, Graph
 from scripts.reproduction.state import DONE, StageState
+from trainers.evaluation.report import read_result
 
 DEFAULT_REFERENCE = "HARP"
 NATURAL = "natural"
@@ -34,8 +34,7 @@ class Measured:
 
 
 def _read(path: str) -> Measured:
-    with open(path) as fh:
-        result = json.load(fh)
+    result = read_result(path)  # the result schema's reader: refuses a format this toolkit cannot read
     accuracies = {NATURAL: float(result["natural_acc"])}
     accuracies.update({name: float(entry["robust_acc"]) for name, entry in result["attacks"].items()
                        if name != NATURAL and entry.get("robust_acc") is not None})
