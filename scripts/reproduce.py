@@ -28,7 +28,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from configs.errors import UserError  # noqa: E402
-from scripts.reproduction.collect import collect, collect_settings  # noqa: E402
+from scripts.reproduction.collect import collect, collect_settings, tables_folder  # noqa: E402
 from scripts.reproduction.estimate import load_bench, report  # noqa: E402
 from scripts.reproduction.local import Interrupted, run_graph  # noqa: E402
 from scripts.reproduction.plan import Graph, expand, load_plan  # noqa: E402
@@ -185,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.status:
             print_status(graph, markers, args.json, args.verbose)
         elif args.collect:
-            folder = out or os.path.join(graph.plan.result_dir, "tables", graph.plan.name)
+            folder = out or tables_folder(graph, collecting)
             collect(graph, graph_states(graph, markers), folder, collecting)
         elif args.slurm:
             submit(graph, python, markers, slurm, sbatch=args.sbatch)

@@ -433,6 +433,38 @@ def test_collect_compares_methods_by_the_plans_cells_paired_by_seed(tmp_path):
     assert f"| weight k 0.01 (99 % pruned) | Hydra (score) | 3.00 ± 2.00 (3/3, p {p:.2g}) |" in text
 
 
+def test_collect_measured_shows_each_objectives_own_measures_and_another_attack_gets_its_own_folder(tmp_path):
+    path = write_plan(tmp_path, methods=["dense", "HARP"], objectives=["pgd", "smooth"],
+                      collect={"attack": "natural", "compare_attacks": "measured"})
+    graph = graph_of(path)
+    for stage in graph.stages.values():
+        if stage.kind == "train":
+            finish_train(stage)
+    for cell in graph.cells:
+        finish_test(graph.stages[cell.test])
+        result = graph.stages[cell.test].result
+        with open(result) as fh:
+            data = json.load(fh)
+        if cell.objective == "smooth":   # certified at radius 0 (robust_acc) and on a radius grid
+            data["attacks"]["certify"] = {"robust_acc": 70.0, "certified_accuracy": [
+                {"radius": 0.25, "acc": 60.0}, {"radius": 0.5, "acc": 40.0}]}
+        else:
+            data["attacks"]["pgd50"] = {"robust_acc": 75.0 if cell.method == "HARP" else 77.0}
+        with open(result, "w") as fh:
+            json.dump(data, fh)
+    assert reproduce.main([path, "--collect"]) == 0
+    folder = os.path.join(graph.plan.result_dir, "tables", "t")
+    text = open(os.path.join(folder, "compare.md")).read()
+    pgd, smooth = text.split("## digits, small_cnn, smooth")
+    assert "natural / pgd50)" in pgd and "certify" not in pgd
+    assert "| weight k 0.1 (90 % pruned) | HARP | 1 | 90.00 | 75.00 |" in pgd
+    assert "natural / certify / certify r=0.25 / certify r=0.5)" in smooth and "pgd50" not in smooth
+    assert "| dense | dense | 1 | 90.00 | 70.00 | 60.00 | 40.00 |" in smooth
+    assert reproduce.main([path, "--collect", "--attack", "certify"]) == 0   # another measure: its own subfolder
+    assert os.path.exists(os.path.join(folder, "certify", "table.md"))
+    assert open(os.path.join(folder, "compare.md")).read() == text       # the plan's own collection stays
+
+
 def test_collect_without_finished_cells_says_so(tmp_path, capsys):
     assert reproduce.main([write_plan(tmp_path), "--collect"]) == 2
     assert "no cell of plan t is finished yet" in capsys.readouterr().err

@@ -7,7 +7,8 @@ runs that differ only in seed, --exp-name or result directory.
 The plan's `collect:` section (flags override it): attack (default autoattack), preset (standard), metric (auto:
 balanced accuracy for SVHN; the AP benchmark reports plain accuracy: acc), show_sparsity (false); and for
 compare.md (scripts/reproduction/compare.py: the methods by the plan's own (granularity, k) cells over the seeds,
-paired against one method) reference (HARP) and compare_attacks (default: attack).
+paired against one method) reference (HARP) and compare_attacks (default: attack; `measured`: every attack each
+objective's results hold).
 """
 import os
 from typing import Any, Callable, Dict, List, Mapping
@@ -31,6 +32,14 @@ def collect_settings(plan_section: Mapping[str, Any], overrides: Mapping[str, An
     merged = {**SETTINGS, **plan_section}
     merged.update({k: v for k, v in overrides.items() if v is not None})
     return merged
+
+
+def tables_folder(graph: Graph, settings: Mapping[str, Any]) -> str:
+    """<result_dir>/tables/<plan name>/, and a subfolder per other attack (--collect --attack certify) so that a
+    collection by another measure never overwrites the plan's own."""
+    folder = os.path.join(graph.plan.result_dir, "tables", graph.plan.name)
+    own = graph.plan.collect.get("attack", SETTINGS["attack"])
+    return folder if settings["attack"] == own else os.path.join(folder, settings["attack"])
 
 
 def finished_results(graph: Graph, states: Mapping[str, StageState]) -> List[str]:

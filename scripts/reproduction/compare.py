@@ -11,6 +11,11 @@ The paired comparison pairs the reference method's model with the other method's
 architecture, objective, granularity and k (they share the seed's pretrained network): per accuracy the mean
 difference reference - other, its standard deviation, how many seeds the reference wins, and the two-sided paired
 t-test's p-value (scipy.stats.ttest_rel; with 3 seeds it needs a consistent gap to fall under 0.05).
+
+The accuracies shown are natural plus the attacks asked for, or with `measured` every attack each section's results
+hold (a plan whose objectives are tested with different measures, e.g. scripts/plans/hydra-mnist.yaml). A certify
+result also offers its certified accuracy at each radius of its grid as `certify r=<radius>` (its `certify` is
+radius 0).
 """
 import math
 import statistics
@@ -23,6 +28,7 @@ from trainers.evaluation.report import read_result
 
 DEFAULT_REFERENCE = "HARP"
 NATURAL = "natural"
+MEASURED = "measured"   # compare_attacks: every attack the section's results hold
 
 
 @dataclass(frozen=True)
@@ -36,8 +42,11 @@ class Measured:
 def _read(path: str) -> Measured:
     result = read_result(path)  # the result schema's reader: refuses a format this toolkit cannot read
     accuracies = {NATURAL: float(result["natural_acc"])}
-    accuracies.update({name: float(entry["robust_acc"]) for name, entry in result["attacks"].items()
-                       if name != NATURAL and entry.get("robust_acc") is not None})
+    for name, entry in result["attacks"].items():
+        if name != NATURAL and entry.get("robust_acc") is not None:
+            accuracies[name] = float(entry["robust_acc"])
+        accuracies.update({f"{name} r={point['radius']:g}": float(point["acc"])
+                           for point in entry.get("certified_accuracy", []) if point["radius"] > 0})
     return Measured(accuracies, 100.0 * (1.0 - float(result["sparsity"]["global_keep"])), result.get("budget"))
 
 
@@ -95,13 +104,21 @@ def compare(graph: Graph, states: Mapping[str, StageState], attacks: Sequence[st
         result = graph.stages[cell.test].result
         by_column = measured.setdefault(_group(cell), {}).setdefault(_column(cell), {})
         by_column.setdefault(cell.method, []).append((cell.seed, _read(result)))
-    shown = [NATURAL] + [a for a in attacks if a != NATURAL]
     lines: List[str] = []
     for (dataset, arch, objective), columns in measured.items():
+        shown = [NATURAL] + [a for a in (_measured_attacks(columns) if list(attacks) == [MEASURED] else attacks)
+                             if a != NATURAL]
         lines += [f"## {dataset}, {arch}, {objective}", ""]
         lines += _means_table(columns, shown)
         lines += _paired_table(columns, shown, reference)
     return "\n".join(lines) + "\n"
+
+
+def _measured_attacks(columns: Mapping[Tuple, Mapping[str, List]]) -> List[str]:
+    """Every accuracy the section's results hold, in the order the results list them."""
+    names = (name for by_method in columns.values() for runs in by_method.values() for _, m in runs
+             for name in m.accuracies)
+    return list(dict.fromkeys(names))
 
 
 def _means_table(columns: Mapping[Tuple, Mapping[str, List]], shown: Sequence[str]) -> List[str]:
