@@ -383,7 +383,7 @@ def main(argv=None) -> int:
         log.info("done: %s (best %s %.2f%%)", checkpoint_path(run.directory, "best"), run.selection_metric, run.best)
         warning = run.budget_warning()
         if warning:
-            log.warning("warning: %s", warning)  # the last line a user sees: a model off its target is not the one asked for
+            log.warning("%s", warning)  # the last line a user sees: a model off its target is not the one asked for
         return 0
     except UserError as err:
         where = f"[rank {ctx.rank}] " if ctx.enabled and not ctx.is_main else ""  # a rank-local problem must show

@@ -225,6 +225,8 @@ mode = args[args.index("--exp-mode") + 1]
 if mode in os.environ.get("STUB_FAIL", "").split(","):
     print(f"{{args[0]}}: error: {{mode}} broke", file=sys.stderr)
     sys.exit(2)
+if mode in os.environ.get("STUB_WARN", "").split(","):
+    print(f"warning: the best natural accuracy of {{mode}} is at chance level", file=sys.stderr)
 if mode in os.environ.get("STUB_SLEEP", "").split(","):
     with open(os.path.join(out, "sleeper.pid"), "w") as fh:
         fh.write(str(os.getpid()))
@@ -280,6 +282,27 @@ def test_local_run_continues_past_a_failed_branch_and_a_rerun_finishes_only_what
     rerun = calls(stub.parent)[len(first):]
     assert [option(c.split(), "--exp-mode") for c in rerun] == ["harp_prune", "harp_finetune", "harp_finetune"]
     assert markers.failed(by_mode["harp_prune"]) is None
+
+
+def test_a_finished_stage_that_warned_is_reported_with_its_warning(tmp_path, stub, monkeypatch):
+    graph = graph_of(write_plan(tmp_path, methods=["dense", "HARP"]))
+    markers = state.Markers(state.state_root(graph.plan.result_dir))
+    monkeypatch.setenv("STUB_WARN", "harp_prune")
+    lines = []
+    outcome = local.run_graph(graph, str(stub), markers, say=lines.append, done=stub_done(stub.parent))
+    assert outcome.ok
+    warned = [line for line in lines if "warning:" in line]
+    assert len(warned) == 1 and warned[0].endswith("small_cnn weight k=0.1: warning: the best natural accuracy of "
+                                                   "harp_prune is at chance level")
+
+
+def test_console_warnings_start_with_the_prefix_the_runner_looks_for(capsys):
+    import logging
+    from utils.logging import WARNING_PREFIX, setup_logging
+    setup_logging()
+    logging.getLogger("t").info("plain")
+    logging.getLogger("t").warning("off target")
+    assert capsys.readouterr().err.splitlines()[-2:] == ["plain", WARNING_PREFIX + "off target"]
 
 
 @pytest.fixture

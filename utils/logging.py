@@ -8,6 +8,16 @@ from typing import Any, Dict, Iterable
 from utils.atomic import atomic_write
 
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
+WARNING_PREFIX = "warning: "   # what a console warning starts with (scripts/reproduce.py repeats such stage lines)
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """The message alone; warnings and worse start with WARNING_PREFIX so that they stand out, to a reader and to
+    a plan runner reading a stage's output."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return WARNING_PREFIX + text if record.levelno >= logging.WARNING else text
 
 
 class _Buffer(logging.Handler):
@@ -47,7 +57,7 @@ def setup_logging(log_file: str = None, level: int = logging.INFO) -> None:
     root.setLevel(level)
     buffered = _remove_our_handlers(root)
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(message)s"))
+    console.setFormatter(_ConsoleFormatter("%(message)s"))
     handlers = [console]
     if log_file:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)

@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from scripts.reproduction.plan import Graph, Stage
 from scripts.reproduction.state import HEARTBEAT_S, Markers
+from utils.logging import WARNING_PREFIX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TAIL_LINES = 20            # output lines kept for the failure summary
@@ -138,11 +139,14 @@ def run_graph(graph: Graph, python: str, markers: Markers, say: Callable[[str], 
             continue
         say(f"{where}: {' '.join(stage.command(python))}")
         started = time.time()
-        returncode = run_command(stage.key, stage.command(python), markers, echo)
+        warnings: List[str] = []
+        returncode = run_command(stage.key, stage.command(python), markers, _noting_warnings(warnings, echo))
         seconds = time.time() - started
         if returncode == 0 and done(stage):
             outcome.succeeded.append(stage.key)
             say(f"{where}: finished in {seconds:.0f}s")
+            for line in dict.fromkeys(warnings):  # a finished stage can still have gone wrong: never only "finished"
+                say(f"{where}: {line}")
             continue
         reason = f"exit {returncode}" if returncode else "exited 0 but left no finished result"
         failure = markers.failed(stage.key) or {}
@@ -151,6 +155,16 @@ def run_graph(graph: Graph, python: str, markers: Markers, say: Callable[[str], 
         outcome.failed[stage.key] = f"{reason}: {_last(failure.get('tail'))} (log {markers.log_path(stage.key)})"
         say(f"{where}: FAILED ({reason}) after {seconds:.0f}s; log {markers.log_path(stage.key)}")
     return outcome
+
+
+def _noting_warnings(warnings: List[str], echo: Optional[Callable[[str], None]]) -> Callable[[str], None]:
+    """An echo that also keeps the stage's warning lines (utils.logging.WARNING_PREFIX) for the runner's summary."""
+    def note(line: str) -> None:
+        if line.startswith(WARNING_PREFIX):
+            warnings.append(line)
+        if echo is not None:
+            echo(line)
+    return note
 
 
 def _last(tail: Optional[List[str]]) -> str:
