@@ -100,25 +100,38 @@ class Bench:
     s_prune: float
     r3: float
     s_fwd: float
-    # Hydra's certified objectives (None: the benchmark did not time them, its model is no plain Sequential)
+    # Optional (None: the benchmark did not time them; the certified ones need a model the bounds can walk, a plain
+    # Sequential; older benchmark files lack fast_at and pgd10_eval). Use the properties below for the fallbacks.
     s_smooth: Optional[float] = None
     s_crown: Optional[float] = None
     s_ibp: Optional[float] = None
     s_sym: Optional[float] = None
     s_verify: Optional[Dict[str, float]] = None   # bound name -> seconds per verified image
     s_draw: Optional[float] = None                # one noisy copy classified and counted by certify
-    s_fast: Optional[float] = None                # a Fast-AT training step (else 2 s_plain)
-    s_step: Optional[float] = None                # one attack step of test.py (a tenth of pgd10_eval; else 2 s_fwd)
+    s_fast: Optional[float] = None                # a Fast-AT training step
+    s_step: Optional[float] = None                # one attack step of test.py (a tenth of pgd10_eval)
 
     @property
     def attack_step(self) -> float:
+        """Seconds of one attack step per image: measured, else a forward and a backward (2 s_fwd)."""
         return self.s_step if self.s_step is not None else 2 * self.s_fwd
 
+    @property
+    def fast_at_step(self) -> float:
+        """Seconds of one Fast-AT training step per image: measured, else one FGSM step and the update (2 s_plain)."""
+        return self.s_fast if self.s_fast is not None else 2 * self.s_plain
 
-# The benchmark's certified configurations behind the Bench fields, and those of the bounds' verification.
-CERTIFIED_FIELDS = {"s_smooth": "smooth_train", "s_crown": "crown_ibp_train", "s_ibp": "ibp_train",
-                    "s_sym": "sym_train", "s_draw": "certify_draws", "s_fast": "fast_at"}
-ATTACK_STEPS_OF_PGD10_EVAL = 10
+    @property
+    def certify_draw(self) -> float:
+        """Seconds of one certify draw per image: measured, else a forward (s_fwd)."""
+        return self.s_draw if self.s_draw is not None else self.s_fwd
+
+
+# The benchmark's configurations behind the optional Bench fields: field -> (configuration, units per image it
+# times; pgd10_eval times ten attack steps), and those of the bounds' verification.
+OPTIONAL_FIELDS = {"s_smooth": ("smooth_train", 1), "s_crown": ("crown_ibp_train", 1), "s_ibp": ("ibp_train", 1),
+                   "s_sym": ("sym_train", 1), "s_draw": ("certify_draws", 1), "s_fast": ("fast_at", 1),
+                   "s_step": ("pgd10_eval", 10)}
 VERIFY_CONFIGS = {"ibp": "ibp_verify", "sym": "sym_verify", "crown-ibp": "crown_ibp_verify"}
 
 
@@ -127,14 +140,13 @@ def load_bench(path: str) -> Bench:
         with open(path) as fh:
             data = json.load(fh)
         rate = data["images_per_s"]
-        certified = {field: 1 / rate[config] for field, config in CERTIFIED_FIELDS.items() if config in rate}
+        optional = {field: 1 / rate[config] / units for field, (config, units) in OPTIONAL_FIELDS.items()
+                    if config in rate}
         verify = {bound: 1 / rate[config] for bound, config in VERIFY_CONFIGS.items() if config in rate}
-        if "pgd10_eval" in rate:
-            certified["s_step"] = 1 / rate["pgd10_eval"] / ATTACK_STEPS_OF_PGD10_EVAL
         return Bench(path, data["arch"], tuple(data["input_shape"]),
                      f"{data.get('device_name', data['device'])} ({data['device']})", 1 / rate["plain_train"],
                      1 / rate["pgd10_at"], 1 / rate["pgd10_harp_prune"], float(data["R3"]), 1 / rate["forward_plain"],
-                     s_verify=verify or None, **certified)
+                     s_verify=verify or None, **optional)
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as err:
         raise UserError(f"{path} is not a scripts/benchmark.py result ({type(err).__name__}: {err})") from None
 
@@ -225,7 +237,7 @@ def _test_seconds(name: str, cfg, bench: Bench) -> Optional[float]:
         return (bench.s_verify or {}).get(name)
     if name == "certify":
         draws = cfg.certify_n0 + 2 * cfg.certify_n
-        return draws * (bench.s_draw if bench.s_draw is not None else bench.s_fwd)
+        return draws * bench.certify_draw
     steps = attack_steps(name, cfg.attack_preset)
     return None if steps is None else bench.s_fwd + steps * bench.attack_step
 
@@ -255,7 +267,7 @@ def _train_step_seconds(stage: Stage, bench: Bench) -> Optional[float]:
     if cfg.trainer == "freeadv":
         return cfg.n_repeats * bench.s_plain * masks
     if cfg.trainer == "fast":
-        return (bench.s_fast if bench.s_fast is not None else 2 * bench.s_plain) * masks
+        return bench.fast_at_step * masks
     if cfg.trainer == "base" or cfg.adv_loss == "nat":
         return bench.s_plain * masks
     if cfg.trainer == "adv":
