@@ -22,6 +22,7 @@ from configs.errors import UserError
 from configs.recipes import DENSE_METHOD, recipe
 from configs.schema import OPTION_BY_NAME
 from data.info import dataset_info
+from pruning.budget import summarize_budgets
 from trainers.evaluation.report import read_json, result_of
 from utils.run_dir import RUNTIME_OPTIONS
 
@@ -84,10 +85,8 @@ class Cell:
         """'' when every run landed within TARGET_TOLERANCE of its target, else what they reached against it."""
         if not self.off_target:
             return ""
-        what = "kept" if self.off_target[0]["measure"] == "keep" else "FLOPs"
-        reached = ", ".join(f"{100 * b['reached']:.3g}" for b in self.off_target)
         runs = f" in {len(self.off_target)} of {self.n} runs" if self.n > 1 else ""
-        return f"off target{runs}: {what} {reached} % vs {100 * self.off_target[0]['target']:.3g} %"
+        return f"off target{runs}: {summarize_budgets(self.off_target)}"
 
     @property
     def row(self) -> Tuple[str, str, str]:
