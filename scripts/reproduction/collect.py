@@ -38,7 +38,7 @@ def tables_folder(graph: Graph, settings: Mapping[str, Any]) -> str:
     """<result_dir>/tables/<plan name>/, and a subfolder per other attack (--collect --attack certify) so that a
     collection by another measure never overwrites the plan's own."""
     folder = os.path.join(graph.plan.result_dir, "tables", graph.plan.name)
-    own = graph.plan.collect.get("attack", SETTINGS["attack"])
+    own = collect_settings(graph.plan.collect, {})["attack"]
     return folder if settings["attack"] == own else os.path.join(folder, settings["attack"])
 
 
