@@ -305,6 +305,19 @@ def test_console_warnings_start_with_the_prefix_the_runner_looks_for(capsys):
     assert capsys.readouterr().err.splitlines()[-2:] == ["plain", WARNING_PREFIX + "off target"]
 
 
+def test_console_logging_writes_to_the_stderr_of_the_moment(monkeypatch):
+    import io
+    import logging
+    from utils.logging import setup_logging
+    at_setup, later = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", at_setup)
+    setup_logging()
+    at_setup.close()                          # e.g. a finished test's captured output
+    monkeypatch.setattr(sys, "stderr", later)
+    logging.getLogger("t").warning("still seen")
+    assert later.getvalue() == "warning: still seen\n"
+
+
 @pytest.fixture
 def ctrl_c_raises():
     """Ctrl-C as from a terminal, even when the suite runs in the background (`cmd &` starts it with SIGINT

@@ -20,6 +20,23 @@ class _ConsoleFormatter(logging.Formatter):
         return WARNING_PREFIX + text if record.levelno >= logging.WARNING else text
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A console handler that writes to sys.stderr as it is when a record arrives, not as it was at set-up: whoever
+    swaps sys.stderr (a test harness capturing each test's output, a notebook) never leaves it writing to a closed
+    stream."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):  # StreamHandler.__init__ and setStream assign it; the current sys.stderr always wins
+        pass
+
+
 class _Buffer(logging.Handler):
     def __init__(self):
         super().__init__()
@@ -56,7 +73,7 @@ def setup_logging(log_file: str = None, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.setLevel(level)
     buffered = _remove_our_handlers(root)
-    console = logging.StreamHandler(sys.stderr)
+    console = _CurrentStderr()
     console.setFormatter(_ConsoleFormatter("%(message)s"))
     handlers = [console]
     if log_file:
